@@ -1,0 +1,123 @@
+"""Speed benchmark (not a test): one GDFQ training iteration with quantization on vs off, the student's
+forward+backward alone, and a 10k-image test-set evaluation vs the bare forward pass.
+
+    python benchmarks/bench_gdfq.py --batch-sizes 64 200 --iters 5 --json bench.json
+
+Reference figures on the 2-core CPU machines (official GDFQ code): 1.1 s per iteration at batch 64,
+3.5 s at batch 200, 20 s per 10k-image test pass. Targets: quantized student fwd+bwd <= 1.3x the float one;
+evaluation <= 1.1x the bare forward pass; everything >= 1.8x faster than the official code.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import CifarResNet, evaluate, quantize_model, set_calibrating  # noqa: E402
+from gdfq import BNStatsLoss, Generator, kd_loss  # noqa: E402
+
+OFFICIAL = {"iter_b64": 1.1, "iter_b200": 3.5, "eval_10k": 20.0}
+
+
+def timeit(fn, iters, warmup=2):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2]  # median
+
+
+def gdfq_iteration(teacher, student, generator, bns, opt_g, opt_s, batch, num_classes=10):
+    z = torch.randn(batch, 100)
+    y = torch.randint(0, num_classes, (batch,))
+    x = generator(z, y)
+    bns.active = True
+    t = teacher(x)
+    bns.active = False
+    loss_g = F.cross_entropy(t, y) + 0.1 * bns()
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    s = student(x.detach())
+    loss_s = kd_loss(s, t.detach(), 20.0) + F.cross_entropy(s, y)
+    opt_s.zero_grad(set_to_none=True)
+    loss_s.backward()
+    opt_s.step()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 200])
+    p.add_argument("--iters", type=int, default=5, help="timed repetitions (median reported)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    teacher = CifarResNet(20, 10).eval().requires_grad_(False)
+    res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "bits": a.bits}
+    for b in a.batch_sizes:
+        x = torch.randn(b, 3, 32, 32)
+        for quant in (False, True):
+            student = (quantize_model(teacher, a.bits, a.bits) if quant else CifarResNet(20, 10)).eval()
+            student.load_state_dict(teacher.state_dict(), strict=False)
+            student.requires_grad_(True)
+            if quant:
+                set_calibrating(student, False)
+                with torch.no_grad():  # initialise the ranges once
+                    set_calibrating(student, True)
+                    student(x)
+                    set_calibrating(student, False)
+            tag = "quant" if quant else "float"
+
+            def fwd_bwd():
+                student(x).sum().backward()
+            res[f"student_fwd_bwd_b{b}_{tag}_s"] = timeit(fwd_bwd, a.iters)
+            gen = Generator(10).train()
+            bns = BNStatsLoss(teacher)
+            opt_g = torch.optim.Adam(gen.parameters(), 1e-3, betas=(0.5, 0.999))
+            opt_s = torch.optim.SGD(student.parameters(), 1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4)
+            res[f"iter_b{b}_{tag}_s"] = timeit(lambda: gdfq_iteration(teacher, student, gen, bns, opt_g, opt_s, b),
+                                               a.iters)
+            for h in [m for m in teacher.modules()]:
+                h._forward_hooks.clear()
+        res[f"student_fwd_bwd_b{b}_ratio"] = res[f"student_fwd_bwd_b{b}_quant_s"] / res[f"student_fwd_bwd_b{b}_float_s"]
+        res[f"iter_b{b}_ratio"] = res[f"iter_b{b}_quant_s"] / res[f"iter_b{b}_float_s"]
+        if f"iter_b{b}" in OFFICIAL:
+            res[f"iter_b{b}_speedup_vs_official"] = OFFICIAL[f"iter_b{b}"] / res[f"iter_b{b}_quant_s"]
+
+    # evaluation of the quantized student on 10k images vs the bare forward pass over the same batches
+    student = quantize_model(teacher, a.bits, a.bits).eval()
+    xs = torch.randn(10000, 3, 32, 32)
+    ys = torch.randint(0, 10, (10000,))
+    with torch.no_grad():
+        student(xs[:500])
+    set_calibrating(student, False)
+
+    @torch.no_grad()
+    def bare():
+        for i in range(0, 10000, 100):
+            student(xs[i:i + 100])
+    res["forward_10k_s"] = timeit(bare, 2, warmup=1)
+    res["eval_10k_s"] = timeit(lambda: evaluate(student, xs, ys), 2, warmup=1)
+    res["eval_overhead_ratio"] = res["eval_10k_s"] / res["forward_10k_s"]
+    res["eval_speedup_vs_official"] = OFFICIAL["eval_10k"] / res["eval_10k_s"]
+    for k, v in res.items():
+        print(f"{k:40s} {v:.3f}" if isinstance(v, float) else f"{k:40s} {v}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,682 @@
+"""cleanqd shared infrastructure: CIFAR ResNet + weight loaders, the ZSQ quantizer, CIFAR data, evaluation,
+seeding, and run / checkpoint helpers. No method logic lives here (see ../shared/specs/common.md)."""
+import argparse
+import hashlib
+import io
+import json
+import os
+import pickle
+import random
+import sys
+import time
+import urllib.request
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__version__ = "0.1.0"
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors: bad input ends the program with one line on stderr and exit code 2, never a traceback.
+class UserError(Exception):
+    """An error the user can fix (bad flag, missing file, offline download); printed as one line, exit 2."""
+
+
+def die(msg, code=2):
+    """Print `error: msg` on one line to stderr and exit with `code`."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a single line and exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        die(f"{self.prog}: {message} (see --help)")
+
+
+def add_common_args(p, method):
+    """The command-line contract every cleanqd script shares (data, teacher, bits, seeding, run dirs)."""
+    p.add_argument("--dataset", default="cifar10", choices=sorted(NUM_CLASSES), help="dataset")
+    p.add_argument("--wbits", type=int, default=4, help="weight bit-width")
+    p.add_argument("--abits", type=int, default=None, help="activation bit-width (default: --wbits)")
+    p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
+    p.add_argument("--teacher", default="pytorchcv",
+                   help="'pytorchcv' (the papers' teacher, downloaded), 'chenyaofo' (downloaded) or a path to a .pth")
+    p.add_argument("--teacher-depth", type=int, default=20, help="ResNet depth of the teacher (20/32/44/56/110)")
+    p.add_argument("--eval-norm", default="teacher", choices=["teacher", "gdfq"],
+                   help="test-set normalisation: the teacher's own constants, or the GDFQ-family dataset statistics")
+    p.add_argument("--seed", type=int, default=0, help="random seed (python, numpy, torch)")
+    p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms (slower on GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--out-dir", default="runs", help="parent folder of the run directory")
+    p.add_argument("--run-name", default=None, help="run directory name (default: dataset__method__wXaY__seedS__time)")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (and last)")
+    p.add_argument("--save-model", action="store_true", help="also save the quantized student as model.pt")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop cleanly after this epoch (resumable with --resume), e.g. for time-limited jobs")
+    p.set_defaults(method=method)
+    return p
+
+
+def _excepthook(kind, value, tb):
+    if issubclass(kind, UserError):
+        print(f"error: {value}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+    sys.__excepthook__(kind, value, tb)
+
+
+def parse_args(p, argv=None, bits=(2, 8)):
+    """Parse, validate the shared flags, and merge with args.json when --resume is given. From here on an
+    uncaught UserError ends the program with one line and exit code 2."""
+    sys.excepthook = _excepthook
+    args = p.parse_args(argv)
+    if args.resume:
+        path = os.path.join(args.resume, "args.json")
+        if not os.path.isfile(path):
+            die(f"--resume {args.resume}: no args.json there (not a run directory)")
+        if not os.path.isfile(os.path.join(args.resume, "checkpoint.pt")):
+            die(f"--resume {args.resume}: no checkpoint.pt there (the run ended before its first epoch)")
+        with open(path) as f:
+            saved = json.load(f)
+        keep = {"resume": args.resume, "device": args.device, "threads": args.threads, "stop_after": args.stop_after}
+        args = argparse.Namespace(**{**saved, **keep})
+    if args.abits is None:
+        args.abits = args.wbits
+    lo, hi = bits
+    for name in ("wbits", "abits"):
+        v = getattr(args, name)
+        if not (lo <= v <= hi):
+            die(f"--{name} {v} is out of range: this quantizer supports {lo} to {hi} bits")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {args.device} requested but CUDA is not available; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: pytorchcv CIFARResNet topology (option-B shortcuts), torchvision-style parameter names.
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN body + (identity | conv1x1-BN) shortcut, then ReLU."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        body = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        self.body_out = body if self.keep_body else None  # residual-branch output (AKT's feature)
+        short = x if self.downsample is None else self.downsample(x)
+        return self.relu2(body + short)
+
+    keep_body = False
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet-(6n+2). `forward(x)` gives logits; `forward_features(x)` also the intermediate features."""
+
+    def __init__(self, depth=20, num_classes=10):
+        super().__init__()
+        if (depth - 2) % 6 or depth < 8:
+            raise UserError(f"ResNet depth {depth} is not 6n+2 (20, 32, 44, 56, 110)")
+        n = (depth - 2) // 6
+        self.depth, self.num_classes = depth, num_classes
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        cin, stages = 16, []
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x, body=False):
+        """Return (logits, feats): feats["stages"] = the 3 stage outputs, feats["pool"] = the pooled feature,
+        feats["body"] = every unit's residual-branch output (BN output before the add), if body=True."""
+        blocks = [b for layer in (self.layer1, self.layer2, self.layer3) for b in layer]
+        for b in blocks:
+            b.keep_body = body
+        x = self.relu(self.bn1(self.conv1(x)))
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3):
+            x = layer(x)
+            stages.append(x)
+        pool = x.mean((2, 3))
+        feats = {"stages": stages, "pool": pool}
+        if body:
+            feats["body"] = [b.body_out for b in blocks]
+            for b in blocks:
+                b.keep_body, b.body_out = False, None
+        return self.fc(pool), feats
+
+
+def _phase_view(t, co, h, w, phases):
+    """View of t as [B, Co, H, 2, W, 2]. phases=True: t is the 4-phase conv output [B, 4*Co, H+1, W+1] and
+    element (i, a, j, c) is phase (a, c) at row i + a, column j + c; else t is [B, Co, 2H, 2W]."""
+    sb, sc, sh, sw = t.stride()
+    if phases:
+        stride = (sb, sc, sh, 2 * co * sc + sh, sw, co * sc + sw)
+    else:
+        stride = (sb, sc, 2 * sh, sh, 2 * sw, sw)
+    return t.as_strided((t.shape[0], co, h, 2, w, 2), stride, t.storage_offset())
+
+
+class _Interleave(torch.autograd.Function):
+    """[B, 4*Co, H+1, W+1] phase outputs -> [B, Co, 2H, 2W] image, keeping the input's memory format."""
+
+    @staticmethod
+    def forward(ctx, y, co):
+        b, _, h1, w1 = y.shape
+        ctx.shape, ctx.co = y.shape, co
+        fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = torch.empty((b, co, 2 * (h1 - 1), 2 * (w1 - 1)), dtype=y.dtype, device=y.device, memory_format=fmt)
+        _phase_view(out, co, h1 - 1, w1 - 1, False).copy_(_phase_view(y, co, h1 - 1, w1 - 1, True))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        b, c4, h1, w1 = ctx.shape
+        gy = g.new_zeros(ctx.shape).contiguous(memory_format=torch.channels_last if g.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format)
+        _phase_view(gy, ctx.co, h1 - 1, w1 - 1, True).copy_(_phase_view(g, ctx.co, h1 - 1, w1 - 1, False))
+        return gy, None
+
+
+class UpsampleConv3x3(nn.Conv2d):
+    """Nearest x2 upsampling followed by a 3x3 conv (padding 1), computed without the upsampled tensor.
+
+    Same parameters and the same function as `Conv2d(cin, cout, 3, padding=1)(interpolate(x, scale_factor=2))`
+    (equal to float rounding): each of the 4 output phases (row parity a, column parity c) is a 2x2 conv of the
+    low-res input whose taps are sums of the 3x3 taps, e.g. even rows read rows (i-1, i) with (w0, w1 + w2), odd
+    rows read (i, i+1) with (w0 + w1, w2). 16 taps per 4 outputs instead of 36: about 2x fewer FLOPs."""
+
+    def __init__(self, cin, cout, bias=True):
+        super().__init__(cin, cout, 3, 1, 1, bias=bias)
+
+    def forward(self, x):
+        w, co = self.weight, self.out_channels
+        r = torch.stack([torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),  # even output rows
+                         torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)])  # odd output rows
+        k = torch.stack([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1),  # even output columns
+                         torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1)], 1)  # [2, 2, Co, Ci, 2, 2]
+        k = k.reshape(4 * co, -1, 2, 2).contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # channels_last is faster on CPU (oneDNN) and GPU
+        out = _Interleave.apply(F.conv2d(F.pad(x, (1, 1, 1, 1)), k), co)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+# Teacher weights: two public layouts of the same topology.
+TEACHERS = {  # (url, hash kind, expected prefix)
+    ("pytorchcv", "cifar10"): ("https://github.com/osmr/imgclsmob/releases/download/v0.0.163/"
+                               "resnet20_cifar10-0597-9b0024ac.pth.zip", "sha1", "9b0024ac"),
+    ("pytorchcv", "cifar100"): ("https://github.com/osmr/imgclsmob/releases/download/v0.0.180/"
+                                "resnet20_cifar100-2964-a5322afe.pth.zip", "sha1", "a5322afe"),
+    ("chenyaofo", "cifar10"): ("https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet/"
+                               "cifar10_resnet20-4118986f.pt", "sha256", "4118986f"),
+    ("chenyaofo", "cifar100"): ("https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet/"
+                                "cifar100_resnet20-23dac2f1.pt", "sha256", "23dac2f1"),
+}
+NORMS = {  # (mean, std)
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # pytorchcv (both) and chenyaofo CIFAR-10
+    "chenyaofo-cifar100": ((0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761)),
+    # the dataset statistics the GDFQ-family repos evaluate with (their dataloader.py)
+    "gdfq-cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
+    "gdfq-cifar100": ((0.50705882, 0.48666667, 0.44078431), (0.26745098, 0.25647059, 0.27607843)),
+}
+
+
+def pytorchcv_to_native(sd):
+    """Rename pytorchcv CIFARResNet keys (features.stageS.unitU...) to this module's names."""
+    out = {}
+    for k, v in sd.items():
+        n = k.replace("features.init_block.conv.", "conv1.").replace("features.init_block.bn.", "bn1.")
+        if n.startswith("features.stage"):
+            parts = n.split(".")  # features, stageS, unitU, rest...
+            s, u = int(parts[1][5:]), int(parts[2][4:]) - 1
+            rest = ".".join(parts[3:])
+            rest = (rest.replace("body.conv1.conv.", "conv1.").replace("body.conv1.bn.", "bn1.")
+                    .replace("body.conv2.conv.", "conv2.").replace("body.conv2.bn.", "bn2.")
+                    .replace("identity_conv.conv.", "downsample.0.").replace("identity_conv.bn.", "downsample.1."))
+            n = f"layer{s}.{u}.{rest}"
+        if n.startswith("output."):
+            n = "fc." + n[len("output."):]
+        out[n] = v
+    return out
+
+
+def detect_layout(sd):
+    """'pytorchcv' or 'chenyaofo' from the state_dict keys."""
+    if any(k.startswith("features.") for k in sd):
+        return "pytorchcv"
+    if any(k.startswith("layer1.") for k in sd):
+        return "chenyaofo"
+    raise UserError(f"unrecognised teacher weights (first keys: {list(sd)[:3]}); expected the pytorchcv "
+                    "or chenyaofo CIFAR ResNet layout")
+
+
+def load_weights_strict(model, sd):
+    """Load a native-named state_dict, every key used; a mismatch lists the differing keys and shapes."""
+    own = model.state_dict()
+    for k in own:  # old files may lack BN's num_batches_tracked counters; they do not affect the model
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = own[k]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def short(xs):
+            return ", ".join(xs[:4]) + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")
+        bits = [f"missing {short(missing)}" if missing else "", f"unexpected {short(unexpected)}" if unexpected else "",
+                f"shape {short(shapes)}" if shapes else ""]
+        raise UserError(f"teacher weights do not match ResNet-{model.depth} with {model.num_classes} classes: "
+                        + "; ".join(b for b in bits if b))
+    model.load_state_dict(sd, strict=True)
+
+
+def _download(url, kind, prefix, cache_dir):
+    """Download url into cache_dir (unzipping a .zip), check the hash prefix, return the weight file path."""
+    os.makedirs(cache_dir, exist_ok=True)
+    name = os.path.basename(url)[:-4] if url.endswith(".zip") else os.path.basename(url)
+    path = os.path.join(cache_dir, name)
+    if not os.path.isfile(path) and os.environ.get("CLEANQD_OFFLINE"):
+        raise UserError(f"teacher {name} is not in {cache_dir} and CLEANQD_OFFLINE is set; pass --teacher PATH")
+    if not os.path.isfile(path):
+        print(f"downloading {url}", flush=True)
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                blob = r.read()
+        except Exception as e:  # noqa: BLE001 - any network failure is the same user-facing problem
+            raise UserError(f"could not download the teacher from {url} ({type(e).__name__}: {e}); offline, pass "
+                            "--teacher PATH to a local .pth, e.g. ../shared/teachers/cifar10_resnet20_chenyaofo.pth")
+        if url.endswith(".zip"):
+            with zipfile.ZipFile(io.BytesIO(blob)) as z:
+                blob = z.read(name)
+        digest = hashlib.new(kind, blob).hexdigest()
+        if not digest.startswith(prefix):
+            raise UserError(f"downloaded {name} has {kind} {digest[:8]}..., expected {prefix}...; not saved")
+        with open(path + ".tmp", "wb") as f:
+            f.write(blob)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def load_teacher(spec, dataset, depth=20, cache_dir=None):
+    """Build the FP teacher from 'pytorchcv', 'chenyaofo' or a local path. Returns (model, info) where info
+    holds the file, layout and the input normalisation (mean, std) that the weights were trained with."""
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cleanqd")
+    if spec in ("pytorchcv", "chenyaofo"):
+        if depth != 20:
+            raise UserError(f"--teacher {spec} downloads ResNet-20 only; pass a local file for depth {depth}")
+        path = _download(*TEACHERS[(spec, dataset)], cache_dir)
+    else:
+        path = spec
+        if not os.path.isfile(path):
+            raise UserError(f"--teacher {path}: no such file (use 'pytorchcv', 'chenyaofo' or a path to a .pth)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--teacher {path}: cannot read it as a torch state_dict ({type(e).__name__})")
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd:
+        raise UserError(f"--teacher {path}: not a state_dict")
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    layout = detect_layout(sd)
+    if layout == "pytorchcv":
+        sd = pytorchcv_to_native(sd)
+    model = CifarResNet(depth, NUM_CLASSES[dataset])
+    load_weights_strict(model, sd)
+    norm = NORMS["chenyaofo-cifar100" if (layout, dataset) == ("chenyaofo", "cifar100") else "cifar10"]
+    model.eval()
+    return model, {"path": os.path.abspath(path), "layout": layout, "mean": norm[0], "std": norm[1]}
+
+
+def eval_normalisation(args, info):
+    """The (mean, std) used to evaluate: the teacher's own (default) or the GDFQ-family dataset statistics."""
+    if args.eval_norm == "gdfq":
+        return NORMS[f"gdfq-{args.dataset}"]
+    return info["mean"], info["std"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantizer (ZeroQ's, as used by the GDFQ family): asymmetric min/max fake quantization, identity STE.
+class _FakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lo, hi, k):
+        with torch.no_grad():
+            s = (2 ** k - 1) / (hi - lo).clamp(min=1e-8)
+            z = torch.round(s * lo) + 2 ** (k - 1)
+            q = (x * s).sub_(z).round_().clamp_(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
+            return q.add_(z).div_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None, None  # identity straight-through: no mask, no gradient to the range
+
+
+def fake_quant(x, lo, hi, k):
+    """k-bit fake quantization of x on [lo, hi] (broadcastable tensors), identity straight-through gradient:
+    s = (2^k-1)/(hi-lo), z = round(s*lo) + 2^(k-1), q = clamp(round(s*x - z), -2^(k-1), 2^(k-1)-1), x̂ = (q+z)/s."""
+    return _FakeQuant.apply(x, lo, hi, k)
+
+
+def weight_codes(w, k):
+    """Integer codes of a weight tensor under per-output-channel min/max k-bit quantization (used by AIT)."""
+    flat = w.detach().flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    s = (2 ** k - 1) / (hi - lo).clamp(min=1e-8)
+    z = torch.round(s * lo) + 2 ** (k - 1)
+    return (flat * s - z).round().clamp(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
+
+
+class QConv2d(nn.Conv2d):
+    """Conv2d whose weight is fake-quantized per output channel (min/max of the current float weight)."""
+    wbits = 8
+
+    def forward(self, x):
+        w = self.weight
+        flat = w.detach().flatten(1)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w_q = fake_quant(w, flat.amin(1).view(shape), flat.amax(1).view(shape), self.wbits)
+        return self._conv_forward(x, w_q, self.bias)
+
+
+class QLinear(nn.Linear):
+    """Linear whose weight is fake-quantized per output row."""
+    wbits = 8
+
+    def forward(self, x):
+        w = self.weight
+        w_q = fake_quant(w, w.detach().amin(1, keepdim=True), w.detach().amax(1, keepdim=True), self.wbits)
+        return F.linear(x, w_q, self.bias)
+
+
+class QuantReLU(nn.Module):
+    """ReLU followed by a per-tensor activation quantizer whose range is an EMA (momentum 0.9) of the batch
+    min/max while `calibrating` is True (first update = batch value), frozen otherwise."""
+
+    def __init__(self, abits, momentum=0.9):
+        super().__init__()
+        self.abits, self.momentum, self.calibrating = abits, momentum, True
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, x):
+        x = F.relu(x)
+        if self.calibrating:
+            with torch.no_grad():
+                lo, hi = x.detach().aminmax()
+                m = torch.where(self.initialised, self.momentum, 0.0)
+                self.lo.copy_(m * self.lo + (1 - m) * lo)
+                self.hi.copy_(m * self.hi + (1 - m) * hi)
+                self.initialised.fill_(True)
+        return fake_quant(x, self.lo, self.hi, self.abits)
+
+    def extra_repr(self):
+        return f"abits={self.abits}, momentum={self.momentum}"
+
+
+def quantize_model(model, wbits, abits):
+    """A quantized copy of `model`: every Conv2d/Linear becomes QConv2d/QLinear at `wbits` (same float weights)
+    and every ReLU a QuantReLU at `abits` (19 in ResNet-20). BN stays float and unfused."""
+    import copy
+    q = copy.deepcopy(model)
+
+    def swap(mod):
+        for name, child in mod.named_children():
+            if isinstance(child, nn.Conv2d):
+                new = QConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                              child.padding, child.dilation, child.groups, child.bias is not None)
+                new.load_state_dict(child.state_dict())
+                new.wbits = wbits
+            elif isinstance(child, nn.Linear):
+                new = QLinear(child.in_features, child.out_features, child.bias is not None)
+                new.load_state_dict(child.state_dict())
+                new.wbits = wbits
+            elif isinstance(child, nn.ReLU):
+                new = QuantReLU(abits)
+            else:
+                swap(child)
+                continue
+            setattr(mod, name, new)
+    swap(q)
+    return q
+
+
+def set_calibrating(model, on):
+    """Turn activation-range calibration on (ranges follow the data) or off (ranges frozen)."""
+    for m in model.modules():
+        if isinstance(m, QuantReLU):
+            m.calibrating = on
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: CIFAR splits as uint8 tensors, batched normalisation / augmentation on tensors.
+DATA_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+def _read_split(root, dataset, train):
+    if dataset == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        key = "labels"
+    else:
+        files, key = ["train" if train else "test"], "fine_labels"
+    xs, ys = [], []
+    for name in files:
+        with open(os.path.join(root, name), "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.extend(d[key])
+    return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.long)
+
+
+def load_cifar(dataset, data_dir, train, download=True):
+    """(images uint8 [N,3,32,32], labels int64 [N]) of one split from data_dir in the official python layout.
+    Local copies are read without any checksum; if absent, torchvision downloads the official archive."""
+    if dataset not in DATA_DIRS:
+        raise UserError(f"unknown dataset {dataset!r}; choose from {sorted(DATA_DIRS)}")
+    root = os.path.join(data_dir, DATA_DIRS[dataset])
+    if not os.path.isdir(root) and download and not os.environ.get("CLEANQD_OFFLINE"):
+        try:
+            import torchvision
+            cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+            cls(data_dir, train=train, download=True)
+        except Exception as e:  # noqa: BLE001 - offline, or torchvision missing: same advice
+            raise UserError(f"{dataset} not found in {os.path.abspath(root)} and the download failed "
+                            f"({type(e).__name__}); put the official python-layout folder there or pass --data-dir")
+    if not os.path.isdir(root):
+        raise UserError(f"{dataset} not found in {os.path.abspath(root)} (downloads disabled); put the official "
+                        "python-layout folder there or pass --data-dir")
+    try:
+        return _read_split(root, dataset, train)
+    except (OSError, KeyError, pickle.UnpicklingError, ValueError, EOFError) as e:
+        raise UserError(f"cannot read {dataset} {'train' if train else 'test'} split from {os.path.abspath(root)} "
+                        f"({type(e).__name__}: {e}); expected the official python layout")
+
+
+def normalise(x_uint8, mean, std):
+    """uint8 [N,3,H,W] -> float32 standardised with per-channel mean/std (on x's device)."""
+    m = torch.tensor(mean, device=x_uint8.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x_uint8.device).view(1, 3, 1, 1)
+    return (x_uint8.float().div_(255.0) - m) / s
+
+
+def augment(x, generator=None, pad=4):
+    """Random crop (zero padding `pad`) + horizontal flip, batched on a [B,C,H,W] tensor."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device="cpu").to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device="cpu").to(x.device)
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = (dy[:, None] + ar_h[None]).view(b, 1, h, 1).expand(b, x.shape[1], h, w + 2 * pad)
+    xp = xp.gather(2, rows)
+    cols = (dx[:, None] + ar_w[None]).view(b, 1, 1, w).expand(b, x.shape[1], h, w)
+    out = xp.gather(3, cols)
+    flip = torch.rand(b, generator=generator, device="cpu").to(x.device) < 0.5
+    return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+@torch.no_grad()
+def evaluate(model, x, y, batch_size=100):
+    """Top-1 accuracy (percent) of model on normalised images x (already on the model's device)."""
+    was_training = model.training
+    calib = [m for m in model.modules() if isinstance(m, QuantReLU) and m.calibrating]
+    set_calibrating(model, False)  # evaluation never moves the activation ranges
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for i in range(0, len(x), batch_size):
+        correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()
+    model.train(was_training)
+    for m in calib:
+        m.calibrating = True
+    return 100.0 * correct.item() / len(x)
+
+
+class EvalData:
+    """The test split, normalised once and kept on the device, so evaluation costs the forward pass only."""
+
+    def __init__(self, args, info):
+        x, self.y = load_cifar(args.dataset, args.data_dir, train=False)
+        self.mean, self.std = eval_normalisation(args, info)
+        self.x = normalise(x, self.mean, self.std).to(args.device).contiguous(memory_format=torch.channels_last)
+        self.y = self.y.to(args.device)
+
+    def top1(self, model):
+        return evaluate(model, self.x, self.y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeding, runs, logs, checkpoints
+def seed_everything(seed, deterministic=False):
+    """Seed python, numpy and torch (all devices); optionally force deterministic algorithms."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def rng_state():
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Run:
+    """A run directory: args.json, metrics.jsonl (one JSON object per evaluation), checkpoint.pt (atomic),
+    summary.json and, on request, model.pt. `Run(args)` creates it, or reopens it when args.resume is set."""
+
+    def __init__(self, args):
+        if args.resume:
+            self.dir = args.resume
+        else:
+            name = args.run_name or (f"{args.dataset}__{args.method}__w{args.wbits}a{args.abits}__seed{args.seed}"
+                                     f"__{time.strftime('%Y%m%d-%H%M%S')}")
+            self.dir = os.path.join(args.out_dir, name)
+            if os.path.exists(os.path.join(self.dir, "args.json")):
+                raise UserError(f"run directory {self.dir} already exists; use --resume {self.dir} or another name")
+            os.makedirs(self.dir, exist_ok=True)
+            saved = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_after")}
+            self._write_json("args.json", saved)
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        self.ckpt_path = os.path.join(self.dir, "checkpoint.pt")
+
+    def _write_json(self, name, obj):
+        path = os.path.join(self.dir, name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
+
+    def log(self, record):
+        """Append one metrics record (a flat dict) to metrics.jsonl."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, state):
+        """Write checkpoint.pt atomically (temp file + rename): a kill never leaves a half-written file."""
+        torch.save(state, self.ckpt_path + ".tmp")
+        os.replace(self.ckpt_path + ".tmp", self.ckpt_path)
+
+    def load_checkpoint(self):
+        """The checkpoint, with metrics.jsonl trimmed to the epochs it covers."""
+        try:
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot read {self.ckpt_path} ({type(e).__name__}); the run cannot be resumed")
+        if os.path.isfile(self.metrics_path):
+            with open(self.metrics_path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            with open(self.metrics_path, "w") as f:
+                for r in rows:
+                    if r["epoch"] <= state["epoch"]:
+                        f.write(json.dumps(r) + "\n")
+        return state
+
+    def save_model(self, model, extra):
+        """model.pt: the quantized student's state_dict (float weights + activation ranges) and how to build it."""
+        torch.save({"state_dict": model.state_dict(), **extra}, os.path.join(self.dir, "model.pt"))
+
+    def summary(self, obj):
+        self._write_json("summary.json", {**obj, "version": __version__})
+
+
+def load_quantized(path, device="cpu"):
+    """Rebuild a student saved with --save-model: returns (model in eval mode with frozen ranges, mean, std)."""
+    blob = torch.load(path, map_location=device, weights_only=False)
+    model = quantize_model(CifarResNet(blob["depth"], blob["num_classes"]), blob["wbits"], blob["abits"])
+    model.load_state_dict(blob["state_dict"])
+    set_calibrating(model, False)
+    return model.to(device).eval(), blob["mean"], blob["std"]
+
+
+def fmt_time(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def check_finite(losses, epoch):
+    """Stop the run (exit 1, one line) if any epoch-mean loss is NaN/Inf; the last checkpoint is kept."""
+    for name, v in losses.items():
+        if not np.isfinite(v):
+            die(f"{name} became {v} in epoch {epoch}; run stopped, the checkpoint of the last good epoch is kept",
+                code=1)

@@ -1,0 +1,219 @@
+"""GDFQ: Generative Low-bitwidth Data Free Quantization (Xu et al., ECCV 2020, arXiv 2003.03603).
+
+Reference code: github.com/xushoukai/GDFQ (main.py: Generator and loop, trainer.py: losses).
+Idea: a conditional generator learns to produce images that the FP teacher classifies as their label (CE) and
+whose BatchNorm input statistics match the teacher's running statistics (BNS); the quantized student is
+distilled from the teacher on those images. Docs: README.md#gdfq.
+
+    python gdfq.py --dataset cifar10 --wbits 4
+"""
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (NUM_CLASSES, ArgumentParser, Run, EvalData, add_common_args, check_finite, fmt_time,
+                    UpsampleConv3x3, load_teacher, parse_args, quantize_model, rng_state, seed_everything, set_calibrating,
+                    set_rng_state)
+
+
+def parse(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(p, "gdfq")
+    p.add_argument("--epochs", type=int, default=400, help="total epochs, warm-up included (0: evaluate the teacher)")
+    p.add_argument("--warmup-epochs", type=int, default=4,
+                   help="epochs in which only the generator trains and the activation ranges calibrate")
+    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=200, help="generated images per iteration")
+    p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD, Nesterov)")
+    p.add_argument("--lr-g", type=float, default=1e-3, help="generator learning rate (Adam, betas 0.5/0.999)")
+    p.add_argument("--momentum", type=float, default=0.9, help="student SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="student weight decay")
+    p.add_argument("--milestones", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                   help="lr x0.1 points, as fractions of the schedule (see --milestones-from)")
+    p.add_argument("--milestones-from", default="all", choices=["all", "train"],
+                   help="'all': fractions of --epochs (paper: 100/200/300 of 400); "
+                        "'train': fractions of the post-warm-up epochs, offset by the warm-up (for short runs)")
+    p.add_argument("--temperature", type=float, default=20.0, help="KD temperature")
+    p.add_argument("--kl-reduction", default="mean", choices=["mean", "batchmean"],
+                   help="KLDivLoss reduction: 'mean' (reference: averages over B*C) or 'batchmean' (true KL)")
+    p.add_argument("--bns-weight", type=float, default=0.1, help="weight of the BNS loss in the generator loss")
+    p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
+    return parse_args(p, argv)
+
+
+# ALGO LOGIC: the GDFQ conditional generator (common.md section 3)
+class Generator(nn.Module):
+    def __init__(self, num_classes, latent_dim=100, img_size=32):
+        super().__init__()
+        self.init_size = img_size // 4
+        self.label_emb = nn.Embedding(num_classes, latent_dim)
+        self.l1 = nn.Linear(latent_dim, 128 * self.init_size ** 2)
+        self.bn0 = nn.BatchNorm2d(128)
+        # BatchNorm2d(C, 0.8): the reference passes 0.8 as eps (positional); kept, it shaped the published numbers
+        # UpsampleConv3x3 = Upsample(x2, nearest) -> Conv3x3, computed with ~2x fewer FLOPs (see common.py)
+        self.block1 = nn.Sequential(UpsampleConv3x3(128, 128), nn.BatchNorm2d(128, 0.8), nn.LeakyReLU(0.2))
+        self.block2 = nn.Sequential(UpsampleConv3x3(128, 64), nn.BatchNorm2d(64, 0.8), nn.LeakyReLU(0.2),
+                                    nn.Conv2d(64, 3, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(3, affine=False))
+
+    def forward(self, z, y):
+        h = self.l1(self.label_emb(y) * z).view(-1, 128, self.init_size, self.init_size)
+        return self.block2(self.block1(self.bn0(h)))
+
+
+# ALGO LOGIC: BNS loss. Hooks on every teacher BN read the BN input's batch mean/variance.
+class BNStatsLoss:
+    def __init__(self, teacher):
+        self.bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.stats, self.active = [], False
+        for bn in self.bns:
+            bn.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.active:  # biased batch variance as E[(x-c)^2] - (E[x]-c)^2, c = running mean: stable, one pass
+            xc = inputs[0] - module.running_mean.view(1, -1, 1, 1)
+            d = xc.mean((0, 2, 3))
+            var = (xc * xc).mean((0, 2, 3)) - d * d
+            self.stats.append((module, d + module.running_mean, var))
+
+    def __call__(self):
+        """mean over BN layers of MSE(batch mean, running_mean) + MSE(batch var, running_var); clears stats."""
+        loss = sum(F.mse_loss(m, bn.running_mean) + F.mse_loss(v, bn.running_var) for bn, m, v in self.stats)
+        loss = loss / len(self.stats)
+        self.stats = []
+        return loss
+
+
+# ALGO LOGIC: student distillation loss (reference: KLDivLoss with PyTorch's default 'mean' reduction)
+def kd_loss(s_logits, t_logits, temperature, reduction="mean"):
+    T = temperature
+    kl = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="none")
+    return (kl.mean() if reduction == "mean" else kl.sum() / len(kl)) * T * T  # 'mean': over B*C elements
+
+
+def milestone_epochs(args):
+    """Absolute epochs at which both learning rates are multiplied by 0.1 (decay applies from that epoch on)."""
+    start, span = (0, args.epochs) if args.milestones_from == "all" else (args.warmup_epochs,
+                                                                          args.epochs - args.warmup_epochs)
+    return [start + round(f * span) for f in args.milestones]
+
+
+if __name__ == "__main__":
+    args = parse()
+    seed_everything(args.seed, args.deterministic)
+    device = torch.device(args.device)
+    num_classes = NUM_CLASSES[args.dataset]
+
+    teacher, info = load_teacher(args.teacher, args.dataset, args.teacher_depth)
+    teacher = teacher.to(device, memory_format=torch.channels_last).requires_grad_(False)
+    test = EvalData(args, info)
+    print(f"teacher: {info['layout']} ResNet-{args.teacher_depth} from {info['path']}")
+    print(f"evaluation normalisation ({args.eval_norm}): mean {test.mean} std {test.std}")
+    run = Run(args)
+    teacher_top1 = test.top1(teacher)
+    print(f"teacher top-1 {teacher_top1:.2f}  run dir {run.dir}", flush=True)
+    if args.epochs == 0:
+        run.summary({"teacher_top1": teacher_top1, "final_top1": None, "best_top1": None, "epochs_done": 0,
+                     "wall_seconds": 0.0, "run_dir": run.dir, "args": vars(args)})
+        raise SystemExit(0)
+
+    # student: quantized copy of the teacher, trained in eval mode (BN running stats frozen, gamma/beta train)
+    student = quantize_model(teacher, args.wbits, args.abits).to(device, memory_format=torch.channels_last)
+    student = student.requires_grad_(True).eval()
+    generator = Generator(num_classes, args.latent_dim).to(device).train()
+    bns_loss = BNStatsLoss(teacher)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
+    opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
+                            weight_decay=args.weight_decay)
+    milestones = milestone_epochs(args)
+    if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
+        print(f"warning: first lr decay at epoch {min(milestones)} is not after the warm-up: the student never "
+              "trains at its base lr (use --milestones-from train for short runs)")
+    start_epoch, best, calib_top1, elapsed, top1 = 0, 0.0, None, 0.0, None
+    if args.resume:
+        state = run.load_checkpoint()
+        student.load_state_dict(state["student"])
+        generator.load_state_dict(state["generator"])
+        opt_s.load_state_dict(state["opt_s"])
+        opt_g.load_state_dict(state["opt_g"])
+        start_epoch, best, calib_top1, elapsed, top1 = (state["epoch"] + 1, state["best_top1"],
+                                                        state["calib_top1"], state["elapsed"], state["top1"])
+        set_rng_state(state["rng"])
+        print(f"resumed {run.dir} after epoch {state['epoch']}")
+
+    t_start = time.time() - elapsed
+    for epoch in range(start_epoch, args.epochs):
+        t_epoch = time.time()
+        warmup = epoch < args.warmup_epochs
+        set_calibrating(student, warmup)  # activation ranges follow the generated data during warm-up only
+        factor = 0.1 ** sum(epoch >= m for m in milestones)
+        for opt, lr in ((opt_g, args.lr_g), (opt_s, args.lr_s)):
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+        sums = torch.zeros(4, device=device)
+        for it in range(args.iters_per_epoch):
+            z = torch.randn(args.batch_size, args.latent_dim, device=device)
+            y = torch.randint(0, num_classes, (args.batch_size,), device=device)
+
+            # ALGO LOGIC: generator step: CE(teacher(x), y) + 0.1 * BNS
+            x = generator(z, y)
+            bns_loss.active = True
+            t_logits = teacher(x)
+            bns_loss.active = False
+            ce_g = F.cross_entropy(t_logits, y)
+            bns = bns_loss()
+            loss_g = ce_g + args.bns_weight * bns
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+
+            # ALGO LOGIC: student step on the same (detached) images: KD(T=20) + CE; no update during warm-up
+            t_logits = t_logits.detach()
+            with torch.set_grad_enabled(not warmup):
+                s_logits = student(x.detach())
+                loss_s = kd_loss(s_logits, t_logits, args.temperature, args.kl_reduction) + F.cross_entropy(
+                    s_logits, y)
+            if not warmup:
+                opt_s.zero_grad(set_to_none=True)
+                loss_s.backward()
+                opt_s.step()
+            sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
+
+        train_time = time.time() - t_epoch
+        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"],
+                          (sums / args.iters_per_epoch).tolist()))
+        check_finite(losses, epoch)
+        last = epoch == args.epochs - 1
+        if (epoch + 1) % args.eval_every == 0 or last or epoch == args.warmup_epochs - 1:
+            top1 = test.top1(student)
+            best = max(best, top1)
+            if epoch == args.warmup_epochs - 1:
+                calib_top1 = top1  # ranges calibrated, weights untouched: the baseline training must beat
+        elapsed = time.time() - t_start
+        ips = args.iters_per_epoch * args.batch_size / train_time
+        eta = elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1) if epoch >= start_epoch else 0
+        record = {"epoch": epoch, "iteration": (epoch + 1) * args.iters_per_epoch, **losses,
+                  "eval/top1": top1, "eval/best_top1": best, "charts/lr_S": args.lr_s * factor,
+                  "charts/lr_G": args.lr_g * factor, "charts/images_per_s": ips, "charts/elapsed_s": elapsed}
+        run.log(record)
+        run.save_checkpoint({"epoch": epoch, "student": student.state_dict(), "generator": generator.state_dict(),
+                             "opt_s": opt_s.state_dict(), "opt_g": opt_g.state_dict(), "best_top1": best,
+                             "calib_top1": calib_top1, "top1": top1, "elapsed": elapsed, "rng": rng_state()})
+        print(f"epoch {epoch + 1}/{args.epochs}{' (warm-up)' if warmup else ''} | loss_G {losses['losses/loss_G']:.4f}"
+              f" (BNS {losses['losses/bns']:.4f}) loss_S {losses['losses/loss_S']:.4f} | top-1 "
+              f"{top1 if top1 is not None else float('nan'):.2f} (best {best:.2f}) | {ips:.0f} img/s | "
+              f"ETA {fmt_time(eta)}", flush=True)
+        if args.stop_after is not None and epoch + 1 >= args.stop_after and not last:
+            print(f"stopped after epoch {epoch + 1}; continue with: python gdfq.py --resume {run.dir}")
+            raise SystemExit(0)
+
+    if args.save_model:
+        run.save_model(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
+                                 "abits": args.abits, "mean": test.mean, "std": test.std})
+    summary = {"teacher_top1": teacher_top1, "calibrated_top1": calib_top1, "final_top1": top1, "best_top1": best,
+               "epochs_done": args.epochs, "wall_seconds": time.time() - t_start, "run_dir": run.dir,
+               "args": vars(args)}
+    run.summary(summary)
+    print(f"done: final top-1 {top1:.2f}, best {best:.2f}, teacher {teacher_top1:.2f}, "
+          f"wall {fmt_time(summary['wall_seconds'])}; summary in {run.dir}/summary.json")

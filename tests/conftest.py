@@ -1,0 +1,78 @@
+"""Fixtures: a tiny CIFAR dataset in the official python layout and random teachers in both weight layouts,
+all written by the tests into temp dirs (nothing is downloaded)."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+sys.path.insert(0, ROOT)
+
+from common import CifarResNet  # noqa: E402
+
+
+def write_tiny_cifar(root, n_train=40, n_test=30, seed=0):
+    """CIFAR-10 (5 train batches + test batch) and CIFAR-100 (train/test) pickles, official key names."""
+    rng = np.random.default_rng(seed)
+    c10 = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(c10)
+    for i in range(1, 6):
+        with open(os.path.join(c10, f"data_batch_{i}"), "wb") as f:
+            pickle.dump({"batch_label": f"training batch {i} of 5", "labels": rng.integers(0, 10, n_train // 5).tolist(),
+                         "data": rng.integers(0, 256, (n_train // 5, 3072), dtype=np.uint8),
+                         "filenames": [f"img{i}_{j}.png" for j in range(n_train // 5)]}, f)
+    with open(os.path.join(c10, "test_batch"), "wb") as f:
+        pickle.dump({"batch_label": "testing batch 1 of 1", "labels": rng.integers(0, 10, n_test).tolist(),
+                     "data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)}, f)
+    with open(os.path.join(c10, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)], "num_cases_per_batch": n_train // 5}, f)
+    c100 = os.path.join(root, "cifar-100-python")
+    os.makedirs(c100)
+    for name, n in (("train", n_train), ("test", n_test)):
+        with open(os.path.join(c100, name), "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "fine_labels": rng.integers(0, 100, n).tolist(), "coarse_labels": rng.integers(0, 20, n).tolist(),
+                         "filenames": [f"x{j}.png" for j in range(n)], "batch_label": name}, f)
+    with open(os.path.join(c100, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [str(i) for i in range(100)], "coarse_label_names": [str(i) for i in range(20)]}, f)
+    return root
+
+
+def random_teacher(num_classes, seed=0, depth=20):
+    """A ResNet with random weights and non-trivial BN running statistics."""
+    torch.manual_seed(seed)
+    m = CifarResNet(depth, num_classes)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.1, 0.1)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return write_tiny_cifar(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory):
+    """Paths of random teachers saved as plain state_dicts (chenyaofo/torchvision key names)."""
+    d = tmp_path_factory.mktemp("teachers")
+    paths = {}
+    for ds, c in (("cifar10", 10), ("cifar100", 100)):
+        paths[ds] = str(d / f"{ds}_random.pth")
+        torch.save(random_teacher(c, seed=c).state_dict(), paths[ds])
+    return paths
+
+
+def run_script(args, cwd, timeout=600):
+    """Run a cleanqd script as a subprocess (offline), return CompletedProcess."""
+    env = {**os.environ, "CLEANQD_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

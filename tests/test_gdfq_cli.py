@@ -1,0 +1,110 @@
+"""gdfq.py end to end on a tiny dataset: outputs, resume, NaN stop, saved model, and bad-input exits."""
+import json
+import os
+
+import pytest
+import torch
+
+from common import EvalData, load_quantized, load_teacher
+from conftest import ROOT, run_script
+
+TINY = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8",
+        "--milestones-from", "train", "--device", "cpu"]
+
+
+def gdfq(tiny_data, teachers, out, *extra, dataset="cifar10"):
+    return run_script(["gdfq.py", "--dataset", dataset, "--data-dir", tiny_data, "--teacher", teachers[dataset],
+                       "--out-dir", str(out), *TINY, *extra], cwd=ROOT)
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_smoke_end_to_end_and_saved_model(tiny_data, teachers, tmp_path):
+    r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "a", "--save-model", "--wbits", "4", "--abits", "6")
+    assert r.returncode == 0, r.stderr
+    d = tmp_path / "a"
+    s = json.loads((d / "summary.json").read_text())
+    for k in ("teacher_top1", "calibrated_top1", "final_top1", "best_top1", "epochs_done", "wall_seconds"):
+        assert s[k] is not None, k
+    assert s["epochs_done"] == 3 and s["args"]["abits"] == 6 and s["best_top1"] >= s["final_top1"]
+    rows = metrics(d)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["eval/top1"] == s["final_top1"] and rows[0]["eval/top1"] == s["calibrated_top1"]
+    assert rows[0]["losses/loss_G"] > 0 and "charts/images_per_s" in rows[0]
+    # lr: warm-up at base, then fractions of the 2 post-warm-up epochs: milestones at 1+round(.25*2)=1, 2, 3
+    assert rows[0]["charts/lr_S"] == pytest.approx(1e-4) and rows[2]["charts/lr_S"] == pytest.approx(1e-6)
+    assert "(warm-up)" in r.stdout and "ETA" in r.stdout and "img/s" in r.stdout
+    assert json.loads((d / "args.json").read_text())["wbits"] == 4 and (d / "checkpoint.pt").exists()
+    # the README's snippet: rebuild the student and reproduce the final accuracy
+    model, mean, std = load_quantized(str(d / "model.pt"))
+    _, info = load_teacher(teachers["cifar10"], "cifar10")
+    args = type("A", (), {"dataset": "cifar10", "data_dir": tiny_data, "eval_norm": "teacher", "device": "cpu"})
+    assert EvalData(args, info).top1(model) == pytest.approx(s["final_top1"])
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_data, teachers, tmp_path):
+    assert gdfq(tiny_data, teachers, tmp_path, "--run-name", "full").returncode == 0
+    r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "cut", "--stop-after", "2")
+    assert r.returncode == 0 and "--resume" in r.stdout and not (tmp_path / "cut" / "summary.json").exists()
+    r = run_script(["gdfq.py", "--resume", str(tmp_path / "cut")], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    keys = [k for k in a[0] if k.startswith(("losses/", "eval/", "charts/lr"))]
+    assert [[x[k] for k in keys] for x in a] == [[x[k] for k in keys] for x in b]
+    sa = json.loads((tmp_path / "full" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert (sa["final_top1"], sa["best_top1"]) == (sb["final_top1"], sb["best_top1"])
+    sa_model = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["student"]
+    sb_model = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["student"]
+    assert all(torch.equal(sa_model[k], sb_model[k]) for k in sa_model)
+
+
+def test_nan_stops_cleanly_and_keeps_last_checkpoint(tiny_data, teachers, tmp_path):
+    r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "nan", "--lr-s", "1e38")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "became nan in epoch 1" in r.stderr or "became inf in epoch 1" in r.stderr, r.stderr
+    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 0 and not (tmp_path / "nan" / "summary.json").exists()
+
+
+def test_epochs_zero_evaluates_teacher_only(tiny_data, teachers, tmp_path):
+    r = run_script(["gdfq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar100"], "--dataset", "cifar100",
+                    "--epochs", "0", "--out-dir", str(tmp_path), "--run-name", "t"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert 0 <= s["teacher_top1"] <= 100 and s["final_top1"] is None and s["epochs_done"] == 0
+    assert "normalisation" in r.stdout and "(0.507, 0.4865, 0.4409)" in r.stdout
+
+
+BAD = {
+    "wbits_low": (["--wbits", "1"], "--wbits 1 is out of range"),
+    "wbits_high": (["--wbits", "9"], "--wbits 9 is out of range"),
+    "abits_low": (["--abits", "1"], "--abits 1 is out of range"),
+    "dataset": (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    "not_int": (["--epochs", "many"], "invalid int value"),
+    "teacher_missing": (["--teacher", "/nonexistent.pth"], "no such file"),
+    "teacher_offline": (["--teacher", "pytorchcv"], "pass --teacher PATH"),
+    "teacher_mismatch": (["--teacher", "C100"], "do not match ResNet-20 with 10 classes"),
+    "data_missing": (["--data-dir", "EMPTY"], "cifar10 not found in"),
+    "resume_no_ckpt": (["--resume", "RUNDIR"], "no checkpoint.pt there"),
+    "resume_not_run": (["--resume", "EMPTY"], "no args.json there"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_exit_2(case, tiny_data, teachers, tmp_path):
+    extra, msg = BAD[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "args.json").write_text("{}")
+    subst = {"C100": teachers["cifar100"], "EMPTY": str(tmp_path / "empty"), "RUNDIR": str(tmp_path / "run")}
+    extra = [subst.get(a, a) for a in extra]
+    args = ["gdfq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
+            "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "4", *extra]
+    r = run_script(args, cwd=ROOT)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr

@@ -1,0 +1,109 @@
+"""CIFAR ResNet topology, both weight layouts, teacher loading errors, the upsample-conv layer."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import CifarResNet, UpsampleConv3x3, UserError, load_teacher, pytorchcv_to_native
+from conftest import random_teacher
+
+
+def pytorchcv_names(sd):
+    """Native -> pytorchcv key names, written from the layout spec independently of common.pytorchcv_to_native."""
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        if p[0] == "conv1":
+            n = "features.init_block.conv." + p[1]
+        elif p[0] == "bn1":
+            n = "features.init_block.bn." + p[1]
+        elif p[0] == "fc":
+            n = "output." + p[1]
+        else:
+            s, u = int(p[0][5:]), int(p[1]) + 1
+            sub = {"conv1": "body.conv1.conv", "bn1": "body.conv1.bn", "conv2": "body.conv2.conv",
+                   "bn2": "body.conv2.bn"}
+            if p[2] == "downsample":
+                n = f"features.stage{s}.unit{u}.identity_conv.{'conv' if p[3] == '0' else 'bn'}.{p[4]}"
+            else:
+                n = f"features.stage{s}.unit{u}.{sub[p[2]]}.{p[3]}"
+        out[n] = v
+    return out
+
+
+@pytest.mark.parametrize("classes,params", [(10, 272474), (100, 278324)])
+def test_resnet20_param_count(classes, params):
+    assert sum(p.numel() for p in CifarResNet(20, classes).parameters()) == params
+
+
+def test_deeper_resnets_build():
+    assert sum(1 for _ in CifarResNet(56, 10).layer1) == 9
+    with pytest.raises(UserError):
+        CifarResNet(21, 10)
+
+
+def test_both_layouts_load_identically(tmp_path):
+    m = random_teacher(10)
+    sd = m.state_dict()
+    cv = pytorchcv_names(sd)
+    assert any(k == "features.stage2.unit1.identity_conv.conv.weight" for k in cv)
+    assert pytorchcv_to_native(cv).keys() == sd.keys()
+    torch.save(sd, tmp_path / "a.pth")
+    torch.save({k: v for k, v in cv.items() if not k.endswith("num_batches_tracked")}, tmp_path / "b.pth")
+    a, ia = load_teacher(str(tmp_path / "a.pth"), "cifar10")
+    b, ib = load_teacher(str(tmp_path / "b.pth"), "cifar10")
+    assert (ia["layout"], ib["layout"]) == ("chenyaofo", "pytorchcv")
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(a(x), b(x)) and torch.equal(a(x), m(x))
+
+
+def test_normalisation_comes_with_the_teacher(tmp_path):
+    torch.save(random_teacher(100).state_dict(), tmp_path / "c100.pth")
+    torch.save(pytorchcv_names(random_teacher(100).state_dict()), tmp_path / "cv100.pth")
+    assert load_teacher(str(tmp_path / "c100.pth"), "cifar100")[1]["std"] == (0.2673, 0.2564, 0.2761)
+    assert load_teacher(str(tmp_path / "cv100.pth"), "cifar100")[1]["std"] == (0.2023, 0.1994, 0.2010)
+
+
+def test_mismatched_teacher_names_the_keys(tmp_path):
+    torch.save(random_teacher(100).state_dict(), tmp_path / "c100.pth")
+    with pytest.raises(UserError, match=r"fc\.weight: file \(100, 64\) vs model \(10, 64\)"):
+        load_teacher(str(tmp_path / "c100.pth"), "cifar10")
+    sd = random_teacher(10).state_dict()
+    del sd["layer3.2.conv2.weight"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(UserError, match=r"missing layer3\.2\.conv2\.weight"):
+        load_teacher(str(tmp_path / "broken.pth"), "cifar10")
+    with pytest.raises(UserError, match="no such file"):
+        load_teacher(str(tmp_path / "nope.pth"), "cifar10")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read"):
+        load_teacher(str(tmp_path / "junk.pth"), "cifar10")
+
+
+def test_forward_features():
+    m = random_teacher(10)
+    x = torch.randn(2, 3, 32, 32)
+    logits, f = m.forward_features(x, body=True)
+    assert torch.equal(logits, m(x))
+    assert [t.shape[1:] for t in f["stages"]] == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+    assert len(f["body"]) == 9 and f["body"][3].shape == (2, 32, 16, 16) and f["pool"].shape == (2, 64)
+    # body = BN output of the unit's second conv, before the residual add
+    u = m.layer1[0]
+    h = m.relu(m.bn1(m.conv1(x)))
+    assert torch.allclose(f["body"][0], u.bn2(u.conv2(u.relu1(u.bn1(u.conv1(h))))))
+    assert "body" not in m.forward_features(x)[1]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_conv_equals_interpolate_then_conv(channels_last):
+    torch.manual_seed(0)
+    m = UpsampleConv3x3(6, 5)
+    x = torch.randn(3, 6, 4, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    ref = F.conv2d(F.interpolate(x, scale_factor=2), m.weight, m.bias, padding=1)
+    out = m(x)
+    assert out.shape == (3, 5, 8, 10) and torch.allclose(out, ref, atol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, (x, m.weight, m.bias), g), torch.autograd.grad(out, (x, m.weight, m.bias), g)):
+        assert torch.allclose(a, b, atol=1e-4)
