@@ -444,7 +444,8 @@ class QuantReLU(nn.Module):
 
 def quantize_model(model, wbits, abits):
     """A quantized copy of `model`: every Conv2d/Linear becomes QConv2d/QLinear at `wbits` (same float weights)
-    and every ReLU a QuantReLU at `abits` (19 in ResNet-20). BN stays float and unfused."""
+    and every ReLU a QuantReLU at `abits` (19 in ResNet-20). BN stays float and unfused. The copy is on the
+    model's device, in channels_last memory format (faster convolutions on CPU and GPU)."""
     import copy
     q = copy.deepcopy(model)
 
@@ -466,7 +467,7 @@ def quantize_model(model, wbits, abits):
                 continue
             setattr(mod, name, new)
     swap(q)
-    return q
+    return q.to(next(model.parameters()).device, memory_format=torch.channels_last)
 
 
 def set_calibrating(model, on):
@@ -672,6 +673,84 @@ def load_quantized(path, device="cpu"):
 def fmt_time(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def setup(args):
+    """Seed, load the teacher (frozen, channels_last) and the test set, create or reopen the run directory and
+    evaluate the teacher. `--epochs 0` ends here with a summary. Returns (teacher, info, test, run, teacher_top1)."""
+    seed_everything(args.seed, args.deterministic)
+    teacher, info = load_teacher(args.teacher, args.dataset, args.teacher_depth)
+    teacher = teacher.to(args.device, memory_format=torch.channels_last).requires_grad_(False)
+    test = EvalData(args, info)
+    print(f"teacher: {info['layout']} ResNet-{args.teacher_depth} from {info['path']}")
+    print(f"evaluation normalisation ({args.eval_norm}): mean {test.mean} std {test.std}")
+    run = Run(args)
+    teacher_top1 = test.top1(teacher)
+    print(f"teacher top-1 {teacher_top1:.2f}  run dir {run.dir}", flush=True)
+    if args.epochs == 0:
+        run.summary({"teacher_top1": teacher_top1, "final_top1": None, "best_top1": None, "epochs_done": 0,
+                     "wall_seconds": 0.0, "run_dir": run.dir, "args": vars(args)})
+        raise SystemExit(0)
+    return teacher, info, test, run, teacher_top1
+
+
+class Progress:
+    """The bookkeeping every training loop shares: resume from the checkpoint, then per epoch the NaN check,
+    test-set evaluation, metrics line, atomic checkpoint, console line (with ETA) and --stop-after; at the end the
+    summary and --save-model. `state` maps checkpoint keys to objects with state_dict()/load_state_dict()."""
+
+    def __init__(self, args, run, test, teacher_top1, state):
+        self.args, self.run, self.test, self.teacher_top1, self.state = args, run, test, teacher_top1, state
+        self.start_epoch, self.best, self.top1, self.calib_top1, elapsed = 0, 0.0, None, None, 0.0
+        if args.resume:
+            ckpt = run.load_checkpoint()
+            for k, obj in state.items():
+                obj.load_state_dict(ckpt[k])
+            set_rng_state(ckpt["rng"])
+            self.start_epoch, self.best, self.top1 = ckpt["epoch"] + 1, ckpt["best_top1"], ckpt["top1"]
+            self.calib_top1, elapsed = ckpt["calib_top1"], ckpt["elapsed"]
+            print(f"resumed {run.dir} after epoch {ckpt['epoch'] + 1}")
+        self.t_start = time.time() - elapsed
+
+    def end_epoch(self, epoch, student, losses, lrs, images, train_time, warmup=False, calibration_done=False):
+        """Call once per epoch. losses: name -> epoch mean (float); lrs: name -> lr. calibration_done marks the
+        epoch whose accuracy is the calibrated-only baseline (evaluated whatever --eval-every says)."""
+        a = self.args
+        check_finite(losses, epoch)
+        last = epoch == a.epochs - 1
+        if (epoch + 1) % a.eval_every == 0 or last or calibration_done:
+            self.top1 = self.test.top1(student)
+            self.best = max(self.best, self.top1)
+            if calibration_done:
+                self.calib_top1 = self.top1
+        elapsed = time.time() - self.t_start
+        ips = images / max(train_time, 1e-9)
+        eta = elapsed / (epoch + 1 - self.start_epoch) * (a.epochs - epoch - 1)
+        self.run.log({"epoch": epoch, "iteration": (epoch + 1) * getattr(a, "iters_per_epoch", 0), **losses,
+                      "eval/top1": self.top1, "eval/best_top1": self.best, **{f"charts/{k}": v for k, v in lrs.items()},
+                      "charts/images_per_s": ips, "charts/elapsed_s": elapsed})
+        self.run.save_checkpoint({"epoch": epoch, "best_top1": self.best, "top1": self.top1, "elapsed": elapsed,
+                                  "calib_top1": self.calib_top1, "rng": rng_state(),
+                                  **{k: obj.state_dict() for k, obj in self.state.items()}})
+        loss_txt = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in losses.items())
+        top1 = f"{self.top1:.2f}" if self.top1 is not None else "-"
+        print(f"epoch {epoch + 1}/{a.epochs}{' (warm-up)' if warmup else ''} | {loss_txt} | top-1 {top1} "
+              f"(best {self.best:.2f}) | {ips:.0f} img/s | ETA {fmt_time(eta)}", flush=True)
+        if a.stop_after is not None and epoch + 1 >= a.stop_after and not last:
+            print(f"stopped after epoch {epoch + 1}; continue with: python {a.method}.py --resume {self.run.dir}")
+            raise SystemExit(0)
+
+    def finish(self, student, model_info, extra=None):
+        """Write summary.json (and model.pt with --save-model); model_info says how to rebuild the student."""
+        a = self.args
+        if a.save_model:
+            self.run.save_model(student, {**model_info, "mean": self.test.mean, "std": self.test.std})
+        wall = time.time() - self.t_start
+        self.run.summary({"teacher_top1": self.teacher_top1, "calibrated_top1": self.calib_top1,
+                          "final_top1": self.top1, "best_top1": self.best, "epochs_done": a.epochs,
+                          "wall_seconds": wall, "run_dir": self.run.dir, "args": vars(a), **(extra or {})})
+        print(f"done: final top-1 {self.top1:.2f}, best {self.best:.2f}, teacher {self.teacher_top1:.2f}, "
+              f"wall {fmt_time(wall)}; summary in {os.path.join(self.run.dir, 'summary.json')}")
 
 
 def check_finite(losses, epoch):

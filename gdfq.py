@@ -13,9 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Run, EvalData, add_common_args, check_finite, fmt_time,
-                    UpsampleConv3x3, load_teacher, parse_args, quantize_model, rng_state, seed_everything, set_calibrating,
-                    set_rng_state)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, parse_args,
+                    quantize_model, set_calibrating, setup)
 
 
 def parse(argv=None):
@@ -99,28 +98,18 @@ def milestone_epochs(args):
     return [start + round(f * span) for f in args.milestones]
 
 
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 if __name__ == "__main__":
     args = parse()
-    seed_everything(args.seed, args.deterministic)
-    device = torch.device(args.device)
-    num_classes = NUM_CLASSES[args.dataset]
-
-    teacher, info = load_teacher(args.teacher, args.dataset, args.teacher_depth)
-    teacher = teacher.to(device, memory_format=torch.channels_last).requires_grad_(False)
-    test = EvalData(args, info)
-    print(f"teacher: {info['layout']} ResNet-{args.teacher_depth} from {info['path']}")
-    print(f"evaluation normalisation ({args.eval_norm}): mean {test.mean} std {test.std}")
-    run = Run(args)
-    teacher_top1 = test.top1(teacher)
-    print(f"teacher top-1 {teacher_top1:.2f}  run dir {run.dir}", flush=True)
-    if args.epochs == 0:
-        run.summary({"teacher_top1": teacher_top1, "final_top1": None, "best_top1": None, "epochs_done": 0,
-                     "wall_seconds": 0.0, "run_dir": run.dir, "args": vars(args)})
-        raise SystemExit(0)
+    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
     # student: quantized copy of the teacher, trained in eval mode (BN running stats frozen, gamma/beta train)
-    student = quantize_model(teacher, args.wbits, args.abits).to(device, memory_format=torch.channels_last)
-    student = student.requires_grad_(True).eval()
+    student = quantize_model(teacher, args.wbits, args.abits).requires_grad_(True).eval()
     generator = Generator(num_classes, args.latent_dim).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
@@ -130,28 +119,17 @@ if __name__ == "__main__":
     if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
         print(f"warning: first lr decay at epoch {min(milestones)} is not after the warm-up: the student never "
               "trains at its base lr (use --milestones-from train for short runs)")
-    start_epoch, best, calib_top1, elapsed, top1 = 0, 0.0, None, 0.0, None
-    if args.resume:
-        state = run.load_checkpoint()
-        student.load_state_dict(state["student"])
-        generator.load_state_dict(state["generator"])
-        opt_s.load_state_dict(state["opt_s"])
-        opt_g.load_state_dict(state["opt_g"])
-        start_epoch, best, calib_top1, elapsed, top1 = (state["epoch"] + 1, state["best_top1"],
-                                                        state["calib_top1"], state["elapsed"], state["top1"])
-        set_rng_state(state["rng"])
-        print(f"resumed {run.dir} after epoch {state['epoch']}")
+    progress = Progress(args, run, test, teacher_top1,  # resumes all of these from the checkpoint with --resume
+                        {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})
 
-    t_start = time.time() - elapsed
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(progress.start_epoch, args.epochs):
         t_epoch = time.time()
         warmup = epoch < args.warmup_epochs
         set_calibrating(student, warmup)  # activation ranges follow the generated data during warm-up only
         factor = 0.1 ** sum(epoch >= m for m in milestones)
-        for opt, lr in ((opt_g, args.lr_g), (opt_s, args.lr_s)):
-            for group in opt.param_groups:
-                group["lr"] = lr * factor
-        sums = torch.zeros(4, device=device)
+        set_lr(opt_g, args.lr_g * factor)
+        set_lr(opt_s, args.lr_s * factor)
+        sums = torch.zeros(4, device=device)  # summed on the device: no host sync inside the epoch
         for it in range(args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -180,40 +158,11 @@ if __name__ == "__main__":
                 opt_s.step()
             sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
 
-        train_time = time.time() - t_epoch
         losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"],
                           (sums / args.iters_per_epoch).tolist()))
-        check_finite(losses, epoch)
-        last = epoch == args.epochs - 1
-        if (epoch + 1) % args.eval_every == 0 or last or epoch == args.warmup_epochs - 1:
-            top1 = test.top1(student)
-            best = max(best, top1)
-            if epoch == args.warmup_epochs - 1:
-                calib_top1 = top1  # ranges calibrated, weights untouched: the baseline training must beat
-        elapsed = time.time() - t_start
-        ips = args.iters_per_epoch * args.batch_size / train_time
-        eta = elapsed / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1) if epoch >= start_epoch else 0
-        record = {"epoch": epoch, "iteration": (epoch + 1) * args.iters_per_epoch, **losses,
-                  "eval/top1": top1, "eval/best_top1": best, "charts/lr_S": args.lr_s * factor,
-                  "charts/lr_G": args.lr_g * factor, "charts/images_per_s": ips, "charts/elapsed_s": elapsed}
-        run.log(record)
-        run.save_checkpoint({"epoch": epoch, "student": student.state_dict(), "generator": generator.state_dict(),
-                             "opt_s": opt_s.state_dict(), "opt_g": opt_g.state_dict(), "best_top1": best,
-                             "calib_top1": calib_top1, "top1": top1, "elapsed": elapsed, "rng": rng_state()})
-        print(f"epoch {epoch + 1}/{args.epochs}{' (warm-up)' if warmup else ''} | loss_G {losses['losses/loss_G']:.4f}"
-              f" (BNS {losses['losses/bns']:.4f}) loss_S {losses['losses/loss_S']:.4f} | top-1 "
-              f"{top1 if top1 is not None else float('nan'):.2f} (best {best:.2f}) | {ips:.0f} img/s | "
-              f"ETA {fmt_time(eta)}", flush=True)
-        if args.stop_after is not None and epoch + 1 >= args.stop_after and not last:
-            print(f"stopped after epoch {epoch + 1}; continue with: python gdfq.py --resume {run.dir}")
-            raise SystemExit(0)
+        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
+                           args.iters_per_epoch * args.batch_size, time.time() - t_epoch, warmup,
+                           calibration_done=epoch == args.warmup_epochs - 1)
 
-    if args.save_model:
-        run.save_model(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
-                                 "abits": args.abits, "mean": test.mean, "std": test.std})
-    summary = {"teacher_top1": teacher_top1, "calibrated_top1": calib_top1, "final_top1": top1, "best_top1": best,
-               "epochs_done": args.epochs, "wall_seconds": time.time() - t_start, "run_dir": run.dir,
-               "args": vars(args)}
-    run.summary(summary)
-    print(f"done: final top-1 {top1:.2f}, best {best:.2f}, teacher {teacher_top1:.2f}, "
-          f"wall {fmt_time(summary['wall_seconds'])}; summary in {run.dir}/summary.json")
+    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
+                              "abits": args.abits})

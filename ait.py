@@ -1,0 +1,239 @@
+"""AIT: It's All In the Teacher: Zero-Shot Quantization Brought Closer to the Teacher (Choi et al., CVPR 2022,
+arXiv 2203.17008).
+
+Reference code: github.com/iamkanghyunchoi/ait, folder GDFQ_AIT/ (trainer.py, optimizer.py = gradient inundation).
+Idea: on the GDFQ loop, distil with the KL term only (no CE on the generator's labels), and update the quantized
+weights with "gradient inundation": scale each tensor's step until at least a threshold fraction of its integer
+codes actually changes, so that tiny low-lr updates are not all absorbed by the rounding. Docs: README.md#ait.
+
+    python ait.py --dataset cifar10 --wbits 4
+"""
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, UpsampleConv3x3, add_common_args,
+                    parse_args, quantize_model, set_calibrating, setup, weight_codes)
+
+
+def parse(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(p, "ait")
+    p.add_argument("--epochs", type=int, default=400, help="total epochs, warm-up included (0: evaluate the teacher)")
+    p.add_argument("--warmup-epochs", type=int, default=4,
+                   help="epochs in which only the generator trains and the activation ranges calibrate")
+    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=200, help="generated images per iteration")
+    p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD / GI, Nesterov)")
+    p.add_argument("--lr-g", type=float, default=1e-3, help="generator learning rate (Adam, betas 0.5/0.999)")
+    p.add_argument("--momentum", type=float, default=0.9, help="student momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="student weight decay (AIT: 0)")
+    p.add_argument("--milestones", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                   help="lr (and GI threshold) x0.1 points, as fractions of the schedule (see --milestones-from)")
+    p.add_argument("--milestones-from", default="all", choices=["all", "train"],
+                   help="'all': fractions of --epochs (paper: 100/200/300 of 400); "
+                        "'train': fractions of the post-warm-up epochs, offset by the warm-up (for short runs)")
+    p.add_argument("--temperature", type=float, default=20.0, help="KD temperature")
+    p.add_argument("--kl-reduction", default="mean", choices=["mean", "batchmean"],
+                   help="KLDivLoss reduction: 'mean' (reference: averages over B*C) or 'batchmean' (true KL)")
+    p.add_argument("--bns-weight", type=float, default=0.1, help="weight of the BNS loss in the generator loss")
+    p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
+    p.add_argument("--passing-threshold", type=float, default=1e-3,
+                   help="GI: minimum fraction of a tensor's integer codes that must change per step (x0.1 at milestones)")
+    p.add_argument("--alpha-cap", type=float, default=1024.0,
+                   help="GI: largest step multiplier (the reference caps at ~128 in the first epoch only)")
+    p.add_argument("--no-gi", action="store_true", help="plain Nesterov SGD for every parameter (ablation)")
+    return parse_args(p, argv)
+
+
+# GDFQ generator and BNS loss, as in gdfq.py (common.md section 3)
+class Generator(nn.Module):
+    def __init__(self, num_classes, latent_dim=100, img_size=32):
+        super().__init__()
+        self.init_size = img_size // 4
+        self.label_emb = nn.Embedding(num_classes, latent_dim)
+        self.l1 = nn.Linear(latent_dim, 128 * self.init_size ** 2)
+        self.bn0 = nn.BatchNorm2d(128)
+        # UpsampleConv3x3 = Upsample(x2, nearest) -> Conv3x3; BatchNorm2d(C, 0.8) is the reference's eps quirk
+        self.block1 = nn.Sequential(UpsampleConv3x3(128, 128), nn.BatchNorm2d(128, 0.8), nn.LeakyReLU(0.2))
+        self.block2 = nn.Sequential(UpsampleConv3x3(128, 64), nn.BatchNorm2d(64, 0.8), nn.LeakyReLU(0.2),
+                                    nn.Conv2d(64, 3, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(3, affine=False))
+
+    def forward(self, z, y):
+        h = self.l1(self.label_emb(y) * z).view(-1, 128, self.init_size, self.init_size)
+        return self.block2(self.block1(self.bn0(h)))
+
+
+class BNStatsLoss:
+    def __init__(self, teacher):
+        self.stats, self.active = [], False
+        for bn in [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]:
+            bn.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.active:  # biased batch variance as E[(x-c)^2] - (E[x]-c)^2, c = running mean: stable, one pass
+            xc = inputs[0] - module.running_mean.view(1, -1, 1, 1)
+            d = xc.mean((0, 2, 3))
+            self.stats.append((module, d + module.running_mean, (xc * xc).mean((0, 2, 3)) - d * d))
+
+    def __call__(self):
+        """mean over BN layers of MSE(batch mean, running_mean) + MSE(batch var, running_var); clears stats."""
+        loss = sum(F.mse_loss(m, bn.running_mean) + F.mse_loss(v, bn.running_var) for bn, m, v in self.stats)
+        loss = loss / len(self.stats)
+        self.stats = []
+        return loss
+
+
+# ALGO LOGIC: student loss = KL only (no CE on the generator's labels)
+def kd_loss(s_logits, t_logits, temperature, reduction="mean"):
+    T = temperature
+    kl = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="none")
+    return (kl.mean() if reduction == "mean" else kl.sum() / len(kl)) * T * T  # 'mean': over B*C elements
+
+
+# ALGO LOGIC: gradient inundation (GI) for the quantized weights
+class GradientInundation(torch.optim.Optimizer):
+    """Nesterov SGD whose step on each weight tensor is scaled by alpha >= 1, the smallest (doubling, then 5
+    bisection steps) that changes at least `threshold` of the tensor's integer codes (per-channel min/max,
+    `wbits`). The momentum buffer keeps the raw gradient. alpha never exceeds `alpha_cap`."""
+
+    def __init__(self, params, lr, wbits, threshold, momentum=0.9, alpha_cap=1024.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, threshold=threshold))
+        self.wbits, self.alpha_cap, self.last_alphas = wbits, alpha_cap, []
+
+    def changed_fraction(self, p, step, codes):
+        """Fraction of p's integer codes that differ after p - step (one vectorised fake-quant of the tensor)."""
+        return (weight_codes(p - step, self.wbits) != codes).float().mean().item()
+
+    def find_alpha(self, p, step, threshold):
+        codes = weight_codes(p, self.wbits)
+        alpha = 1.0
+        if self.changed_fraction(p, step, codes) >= threshold:
+            return alpha
+        while alpha < self.alpha_cap:  # double until enough codes change (or the cap: a zero gradient ends here)
+            alpha = min(2 * alpha, self.alpha_cap)
+            if self.changed_fraction(p, alpha * step, codes) >= threshold:
+                break
+        else:
+            return alpha
+        lo, hi = alpha / 2, alpha
+        for _ in range(5):  # bisect for the smallest multiplier that still crosses the threshold
+            mid = (lo + hi) / 2
+            perc = self.changed_fraction(p, mid * step, codes)
+            if abs(perc - threshold) < threshold / 100:
+                return mid
+            lo, hi = (lo, mid) if perc >= threshold else (mid, hi)
+        return hi
+
+    @torch.no_grad()
+    def step(self):
+        self.last_alphas = []
+        for group in self.param_groups:
+            lr, mom, th = group["lr"], group["momentum"], group["threshold"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "buf" not in state:
+                    state["buf"] = p.grad.clone()
+                else:
+                    state["buf"].mul_(mom).add_(p.grad)
+                d = p.grad + mom * state["buf"]  # Nesterov direction
+                alpha = self.find_alpha(p, lr * d, th)
+                p.sub_(lr * alpha * d)
+                self.last_alphas.append(alpha)
+
+
+def milestone_epochs(args):
+    """Absolute epochs at which the lrs and the GI threshold are multiplied by 0.1 (from that epoch on)."""
+    start, span = (0, args.epochs) if args.milestones_from == "all" else (args.warmup_epochs,
+                                                                          args.epochs - args.warmup_epochs)
+    return [start + round(f * span) for f in args.milestones]
+
+
+def set_group(opt, key, value):
+    for group in opt.param_groups:
+        group[key] = value
+
+
+if __name__ == "__main__":
+    args = parse()
+    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
+
+    student = quantize_model(teacher, args.wbits, args.abits).requires_grad_(True).eval()
+    generator = Generator(num_classes, args.latent_dim).to(device).train()
+    bns_loss = BNStatsLoss(teacher)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
+    # ALGO LOGIC: GI on the quantized weights (every conv and the FC weight); BN and the FC bias: plain SGD
+    qweights = [m.weight for m in student.modules() if isinstance(m, (QConv2d, QLinear))]
+    others = [p for p in student.parameters() if all(p is not q for q in qweights)]
+    if args.no_gi:
+        others, qweights = others + qweights, []
+    opt_s = torch.optim.SGD(others, lr=args.lr_s, momentum=args.momentum, nesterov=True,
+                            weight_decay=args.weight_decay)
+    opts = {"opt_s": opt_s, "opt_g": opt_g}
+    if qweights:  # weight decay 0 (AIT), so GI needs none
+        opts["opt_gi"] = GradientInundation(qweights, args.lr_s, args.wbits, args.passing_threshold, args.momentum,
+                                            args.alpha_cap)
+    milestones = milestone_epochs(args)
+    if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
+        print(f"warning: first lr decay at epoch {min(milestones)} is not after the warm-up: the student never "
+              "trains at its base lr (use --milestones-from train for short runs)")
+    opt_gi = opts.get("opt_gi")
+    progress = Progress(args, run, test, teacher_top1, {"student": student, "generator": generator, **opts})
+
+    for epoch in range(progress.start_epoch, args.epochs):
+        t_epoch = time.time()
+        warmup = epoch < args.warmup_epochs
+        set_calibrating(student, warmup)  # activation ranges follow the generated data during warm-up only
+        factor = 0.1 ** sum(epoch >= m for m in milestones)
+        set_group(opt_g, "lr", args.lr_g * factor)
+        set_group(opt_s, "lr", args.lr_s * factor)
+        if opt_gi:
+            set_group(opt_gi, "lr", args.lr_s * factor)
+            set_group(opt_gi, "threshold", args.passing_threshold * factor)
+        sums, alpha_sum, gi_time = torch.zeros(4, device=device), 0.0, 0.0
+        for it in range(args.iters_per_epoch):
+            z = torch.randn(args.batch_size, args.latent_dim, device=device)
+            y = torch.randint(0, num_classes, (args.batch_size,), device=device)
+
+            # generator step, as GDFQ: CE(teacher(x), y) + 0.1 * BNS
+            x = generator(z, y)
+            bns_loss.active = True
+            t_logits = teacher(x)
+            bns_loss.active = False
+            ce_g = F.cross_entropy(t_logits, y)
+            bns = bns_loss()
+            loss_g = ce_g + args.bns_weight * bns
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+
+            # ALGO LOGIC: student step: KL only; GI for the quantized weights
+            with torch.set_grad_enabled(not warmup):
+                s_logits = student(x.detach())
+                loss_s = kd_loss(s_logits, t_logits.detach(), args.temperature, args.kl_reduction)
+            if not warmup:
+                student.zero_grad(set_to_none=True)
+                loss_s.backward()
+                opt_s.step()
+                if opt_gi:
+                    t_gi = time.time()
+                    opt_gi.step()
+                    gi_time += time.time() - t_gi
+                    alpha_sum += sum(opt_gi.last_alphas) / len(opt_gi.last_alphas)
+            sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
+
+        n = args.iters_per_epoch
+        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"], (sums / n).tolist()))
+        if opt_gi and not warmup:
+            losses["charts/gi_mean_alpha"], losses["charts/gi_s_per_iter"] = alpha_sum / n, gi_time / n
+        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
+                           n * args.batch_size, time.time() - t_epoch, warmup,
+                           calibration_done=epoch == args.warmup_epochs - 1)
+
+    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
+                              "abits": args.abits})

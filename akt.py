@@ -1,0 +1,235 @@
+"""AKT: Advanced Knowledge Transfer: Enhanced Optimization and Refined Feature Distillation for Zero-Shot
+Quantization (Hong et al., ACM SAC 2025, arXiv 2412.19125).
+
+Reference code: github.com/Inpyo-Hong/AKT-Advanced-knowledge-Transfer (AKT_main/CIFAR/trainer.py), which is AdaDFQ
+(Qian et al., CVPR 2023) plus the refined feature distillation (RFD) term.
+Idea: besides the logits, distil the channel and spatial attention of every residual-branch output of the teacher
+into the quantized student (RFD), on top of a zero-shot base method (AdaDFQ by default, or GDFQ). Unlike the
+released code, whose RFD is always 0, RFD is computed here with the teacher's features for the same images.
+Docs: README.md#akt.
+
+    python akt.py --dataset cifar10 --wbits 3
+"""
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, parse_args,
+                    quantize_model, set_calibrating, setup)
+
+
+def parse(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(p, "akt")
+    p.add_argument("--base", default="adadfq", choices=["adadfq", "gdfq"],
+                   help="zero-shot base: AdaDFQ (released code, the paper's best numbers) or GDFQ")
+    p.add_argument("--epochs", type=int, default=200, help="total epochs, warm-up included (AKT: 200)")
+    p.add_argument("--warmup-epochs", type=int, default=4,
+                   help="epochs in which only the generator trains and the activation ranges calibrate")
+    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=200, help="generated images per iteration")
+    p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD, Nesterov)")
+    p.add_argument("--lr-g", type=float, default=1e-3, help="generator learning rate (Adam, betas 0.5/0.999)")
+    p.add_argument("--momentum", type=float, default=0.9, help="student SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="student weight decay")
+    p.add_argument("--milestones", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                   help="lr x0.1 points, as fractions of the schedule (see --milestones-from)")
+    p.add_argument("--milestones-from", default="all", choices=["all", "train"],
+                   help="'all': fractions of --epochs (50/100/150 of 200); "
+                        "'train': fractions of the post-warm-up epochs, offset by the warm-up (for short runs)")
+    p.add_argument("--rfd-weight", type=float, default=1000.0, help="weight of the RFD term in the student loss")
+    p.add_argument("--fd-temperature", type=float, default=8.0, help="softening temperature of the attention maps")
+    p.add_argument("--temperature", type=float, default=20.0, help="logit temperature (GDFQ KL / AdaDFQ entropy)")
+    p.add_argument("--entropy-weight", type=float, default=400.0, help="AdaDFQ student: weight of the entropy term")
+    p.add_argument("--bns-weight", type=float, default=None,
+                   help="weight of the BNS loss in the generator loss (default: 1.0 for adadfq, 0.1 for gdfq)")
+    p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
+    args = parse_args(p, argv)
+    if args.bns_weight is None:
+        args.bns_weight = 1.0 if args.base == "adadfq" else 0.1
+    return args
+
+
+# GDFQ generator and BNS loss, as in gdfq.py (common.md section 3)
+class Generator(nn.Module):
+    def __init__(self, num_classes, latent_dim=100, img_size=32):
+        super().__init__()
+        self.init_size = img_size // 4
+        self.label_emb = nn.Embedding(num_classes, latent_dim)
+        self.l1 = nn.Linear(latent_dim, 128 * self.init_size ** 2)
+        self.bn0 = nn.BatchNorm2d(128)
+        # UpsampleConv3x3 = Upsample(x2, nearest) -> Conv3x3; BatchNorm2d(C, 0.8) is the reference's eps quirk
+        self.block1 = nn.Sequential(UpsampleConv3x3(128, 128), nn.BatchNorm2d(128, 0.8), nn.LeakyReLU(0.2))
+        self.block2 = nn.Sequential(UpsampleConv3x3(128, 64), nn.BatchNorm2d(64, 0.8), nn.LeakyReLU(0.2),
+                                    nn.Conv2d(64, 3, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(3, affine=False))
+
+    def forward(self, z, y):
+        h = self.l1(self.label_emb(y) * z).view(-1, 128, self.init_size, self.init_size)
+        return self.block2(self.block1(self.bn0(h)))
+
+
+class BNStatsLoss:
+    def __init__(self, teacher):
+        self.stats, self.active = [], False
+        for bn in [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]:
+            bn.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.active:  # biased batch variance as E[(x-c)^2] - (E[x]-c)^2, c = running mean: stable, one pass
+            xc = inputs[0] - module.running_mean.view(1, -1, 1, 1)
+            d = xc.mean((0, 2, 3))
+            self.stats.append((module, d + module.running_mean, (xc * xc).mean((0, 2, 3)) - d * d))
+
+    def __call__(self):
+        """mean over BN layers of MSE(batch mean, running_mean) + MSE(batch var, running_var); clears stats."""
+        loss = sum(F.mse_loss(m, bn.running_mean) + F.mse_loss(v, bn.running_var) for bn, m, v in self.stats)
+        loss = loss / len(self.stats)
+        self.stats = []
+        return loss
+
+
+# ALGO LOGIC: refined feature distillation (RFD)
+def channel_attention(f):
+    """softmax over channels of the spatial mean of f^2: [B, C]."""
+    return F.softmax(f.pow(2).mean((2, 3)), dim=1)
+
+
+def spatial_attention(f):
+    """L2-normalised (over positions) channel mean of f^2: [B, H*W]."""
+    return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+
+
+def kl_soft(a_s, a_t, temperature):
+    return F.kl_div(F.log_softmax(a_s / temperature, 1), F.softmax(a_t / temperature, 1), reduction="sum")
+
+
+def rfd_loss(feats_s, feats_t, temperature=8.0):
+    """Sum over the residual-branch outputs of KL(channel attention) + KL(spatial attention); teacher detached."""
+    loss = 0.0
+    for fs, ft in zip(feats_s, feats_t):
+        ft = ft.detach()
+        loss = loss + kl_soft(channel_attention(fs), channel_attention(ft), temperature)
+        loss = loss + kl_soft(spatial_attention(fs), spatial_attention(ft), temperature)
+    return loss
+
+
+# ALGO LOGIC: the bases' losses
+def kd_loss(s_logits, t_logits, temperature):
+    """GDFQ: KLDivLoss with PyTorch's 'mean' reduction (over B*C elements) x T^2."""
+    T = temperature
+    return F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="none").mean() * T * T
+
+
+def soft_ce(logits, onehot):
+    return -(onehot * F.log_softmax(logits, 1)).sum(1).mean()
+
+
+def entropy(logits):
+    """Per-sample entropy of softmax(logits), natural log."""
+    logp = F.log_softmax(logits, 1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def adadfq_generator_loss(t_logits, s_logits, y, num_classes):
+    """AdaDFQ: one-hot terms on the teacher-student disagreement and agreement + an adaptive entropy band."""
+    onehot = F.one_hot(y, num_classes).float()
+    loss_onehot = 0.2 * soft_ce(t_logits - s_logits, onehot) + 0.1 * soft_ce(t_logits + s_logits, onehot)
+    h = entropy(t_logits - s_logits)
+    h_min = h.min()
+    h_norm = (h - h_min) / (math.log(num_classes) - h_min)
+    h_loss = F.relu(0.1 - h_norm).mean() + F.relu(h_norm - 0.8).mean()
+    return h_loss + loss_onehot
+
+
+def adadfq_student_loss(t_logits, s_logits, temperature, weight):
+    """AdaDFQ: -weight * batch mean entropy of softmax((t - s) / T)."""
+    return -weight * entropy((t_logits - s_logits) / temperature).mean()
+
+
+def milestone_epochs(args):
+    start, span = (0, args.epochs) if args.milestones_from == "all" else (args.warmup_epochs,
+                                                                          args.epochs - args.warmup_epochs)
+    return [start + round(f * span) for f in args.milestones]
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+if __name__ == "__main__":
+    args = parse()
+    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
+
+    student = quantize_model(teacher, args.wbits, args.abits).requires_grad_(True).eval()
+    generator = Generator(num_classes, args.latent_dim).to(device).train()
+    bns_loss = BNStatsLoss(teacher)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
+    opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
+                            weight_decay=args.weight_decay)
+    milestones = milestone_epochs(args)
+    if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
+        print(f"warning: first lr decay at epoch {min(milestones)} is not after the warm-up: the student never "
+              "trains at its base lr (use --milestones-from train for short runs)")
+    progress = Progress(args, run, test, teacher_top1,
+                        {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})
+
+    for epoch in range(progress.start_epoch, args.epochs):
+        t_epoch = time.time()
+        warmup = epoch < args.warmup_epochs
+        set_calibrating(student, warmup)
+        factor = 0.1 ** sum(epoch >= m for m in milestones)
+        set_lr(opt_g, args.lr_g * factor)
+        set_lr(opt_s, args.lr_s * factor)
+        sums = torch.zeros(4, device=device)
+        for it in range(args.iters_per_epoch):
+            z = torch.randn(args.batch_size, args.latent_dim, device=device)
+            y = torch.randint(0, num_classes, (args.batch_size,), device=device)
+
+            # ALGO LOGIC: generator step; the teacher's residual-branch features are kept for RFD
+            x = generator(z, y)
+            bns_loss.active = True
+            t_logits, t_feats = teacher.forward_features(x, body=True)
+            bns_loss.active = False
+            bns = bns_loss()
+            if args.base == "adadfq":
+                # G gets gradient through the quantized student; its parameters are frozen for this forward so
+                # that none of this step's gradient reaches the student's own update
+                student.requires_grad_(False)
+                s_logits_g = student(x)
+                student.requires_grad_(True)
+                loss_g = adadfq_generator_loss(t_logits, s_logits_g, y, num_classes) + args.bns_weight * bns
+            else:
+                loss_g = F.cross_entropy(t_logits, y) + args.bns_weight * bns
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+
+            # ALGO LOGIC: student step: base loss + rfd_weight * RFD on the same (detached) images
+            t_logits = t_logits.detach()
+            with torch.set_grad_enabled(not warmup):
+                s_logits, s_feats = student.forward_features(x.detach(), body=True)
+                if args.base == "adadfq":
+                    base = adadfq_student_loss(t_logits, s_logits, args.temperature, args.entropy_weight)
+                else:
+                    base = kd_loss(s_logits, t_logits, args.temperature) + F.cross_entropy(s_logits, y)
+                rfd = rfd_loss(s_feats["body"], t_feats["body"], args.fd_temperature)
+                loss_s = base + args.rfd_weight * rfd
+            if not warmup:
+                opt_s.zero_grad(set_to_none=True)
+                loss_s.backward()
+                opt_s.step()
+            sums += torch.stack([loss_g, bns, base, rfd]).detach()
+
+        n = args.iters_per_epoch
+        losses = dict(zip(["losses/loss_G", "losses/bns", "losses/base_S", "losses/rfd"], (sums / n).tolist()))
+        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
+                           n * args.batch_size, time.time() - t_epoch, warmup,
+                           calibration_done=epoch == args.warmup_epochs - 1)
+
+    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
+                              "abits": args.abits})
