@@ -64,12 +64,13 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    teacher = CifarResNet(20, 10).eval().requires_grad_(False)
+    teacher = CifarResNet(20, 10).eval().requires_grad_(False).to(memory_format=torch.channels_last)
     res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "bits": a.bits}
     for b in a.batch_sizes:
         x = torch.randn(b, 3, 32, 32)
         for quant in (False, True):
             student = (quantize_model(teacher, a.bits, a.bits) if quant else CifarResNet(20, 10)).eval()
+            student = student.to(memory_format=torch.channels_last)  # same layout for both
             student.load_state_dict(teacher.state_dict(), strict=False)
             student.requires_grad_(True)
             if quant:
@@ -95,6 +96,21 @@ def main():
         res[f"iter_b{b}_ratio"] = res[f"iter_b{b}_quant_s"] / res[f"iter_b{b}_float_s"]
         if f"iter_b{b}" in OFFICIAL:
             res[f"iter_b{b}_speedup_vs_official"] = OFFICIAL[f"iter_b{b}"] / res[f"iter_b{b}_quant_s"]
+
+    # AIT: gradient inundation's optimizer step vs plain Nesterov SGD on the same student gradients
+    from ait import GradientInundation
+    from common import QConv2d, QLinear
+    student = quantize_model(teacher, a.bits, a.bits).requires_grad_(True).eval()
+    x = torch.randn(64, 3, 32, 32)
+    student(x)
+    set_calibrating(student, False)
+    student(x).logsumexp(1).mean().backward()
+    qweights = [m.weight for m in student.modules() if isinstance(m, (QConv2d, QLinear))]
+    gi = GradientInundation(qweights, 1e-4, a.bits, 1e-3)
+    sgd = torch.optim.SGD(qweights, 1e-4, momentum=0.9, nesterov=True)
+    res["ait_gi_step_s"] = timeit(gi.step, a.iters)
+    res["ait_gi_mean_alpha"] = sum(gi.last_alphas) / len(gi.last_alphas)
+    res["ait_sgd_step_s"] = timeit(sgd.step, a.iters)
 
     # evaluation of the quantized student on 10k images vs the bare forward pass over the same batches
     student = quantize_model(teacher, a.bits, a.bits).eval()

@@ -1,0 +1,227 @@
+"""LRQ: Long-Range Zero-Shot Generative Deep Network Quantization (Luo et al., Neural Networks 166, 2023,
+arXiv 2211.06816) -- OUR READING OF THE ABSTRACT.
+
+No official training code is public and only the abstract is available, so every component below is our reading
+of one sentence of it, and each is a switch: a long-range generator (large-kernel attention after the generator's
+upsampling stages, `--no-lka`), an adversarial margin on the teacher's target-class angle in the generator's CE
+(`--ama-margin`), and decoupled knowledge distillation for the student (`--kd dkd|kl`). Everything else is the
+GDFQ loop. No number produced by this script is LRQ's own result. Docs: README.md#lrq.
+
+    python lrq.py --dataset cifar10 --wbits 4
+"""
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, parse_args,
+                    quantize_model, set_calibrating, setup)
+
+
+def parse(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(p, "lrq")
+    p.add_argument("--epochs", type=int, default=400, help="total epochs, warm-up included (0: evaluate the teacher)")
+    p.add_argument("--warmup-epochs", type=int, default=4,
+                   help="epochs in which only the generator trains and the activation ranges calibrate")
+    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch")
+    p.add_argument("--batch-size", type=int, default=200, help="generated images per iteration")
+    p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD, Nesterov)")
+    p.add_argument("--lr-g", type=float, default=1e-3, help="generator learning rate (Adam, betas 0.5/0.999)")
+    p.add_argument("--momentum", type=float, default=0.9, help="student SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="student weight decay")
+    p.add_argument("--milestones", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                   help="lr x0.1 points, as fractions of the schedule (see --milestones-from)")
+    p.add_argument("--milestones-from", default="all", choices=["all", "train"],
+                   help="'all': fractions of --epochs; 'train': fractions of the post-warm-up epochs (short runs)")
+    p.add_argument("--bns-weight", type=float, default=0.1, help="weight of the BNS loss in the generator loss")
+    p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
+    p.add_argument("--no-lka", action="store_true", help="GDFQ's generator without the large-kernel attention blocks")
+    p.add_argument("--ama-margin", type=float, default=0.1,
+                   help="additive angular margin (radians) on the teacher's target logit in the generator CE; 0: off")
+    p.add_argument("--kd", default="dkd", choices=["dkd", "kl"],
+                   help="student loss: decoupled KD, or GDFQ's KL('mean', --temperature) + CE")
+    p.add_argument("--dkd-alpha", type=float, default=1.0, help="DKD: weight of the target-class term (TCKD)")
+    p.add_argument("--dkd-beta", type=float, default=8.0, help="DKD: weight of the non-target-class term (NCKD)")
+    p.add_argument("--kd-temperature", type=float, default=4.0, help="DKD temperature")
+    p.add_argument("--temperature", type=float, default=20.0, help="KL temperature for --kd kl (GDFQ)")
+    return parse_args(p, argv)
+
+
+# ALGO LOGIC (our reading): large-kernel attention (VAN's spatial attention with shortcut)
+class LKA(nn.Module):
+    """Depthwise 5x5 -> depthwise 7x7 dilation 3 -> 1x1: a 21x21 receptive field at depthwise cost."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 5, padding=2, groups=c)
+        self.dw_dilated = nn.Conv2d(c, c, 7, padding=9, dilation=3, groups=c)
+        self.pw = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.pw(self.dw_dilated(self.dw(x)))
+
+
+class LKABlock(nn.Module):
+    """x + Conv1x1(LKA(a) * a), a = GELU(Conv1x1(x)): the attention map gates the features."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.proj_in, self.lka, self.proj_out = nn.Conv2d(c, c, 1), LKA(c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        a = F.gelu(self.proj_in(x))
+        return x + self.proj_out(self.lka(a) * a)
+
+
+class Generator(nn.Module):
+    """GDFQ's generator (common.md section 3) with an LKA block after each upsampling conv stage."""
+
+    def __init__(self, num_classes, latent_dim=100, img_size=32, lka=True):
+        super().__init__()
+        self.init_size = img_size // 4
+        self.label_emb = nn.Embedding(num_classes, latent_dim)
+        self.l1 = nn.Linear(latent_dim, 128 * self.init_size ** 2)
+        self.bn0 = nn.BatchNorm2d(128)
+        # UpsampleConv3x3 = Upsample(x2, nearest) -> Conv3x3; BatchNorm2d(C, 0.8) is the reference's eps quirk
+        self.block1 = nn.Sequential(UpsampleConv3x3(128, 128), nn.BatchNorm2d(128, 0.8), nn.LeakyReLU(0.2),
+                                    LKABlock(128) if lka else nn.Identity())  # 128 ch at 16x16
+        self.block2 = nn.Sequential(UpsampleConv3x3(128, 64), nn.BatchNorm2d(64, 0.8), nn.LeakyReLU(0.2),
+                                    LKABlock(64) if lka else nn.Identity(),  # 64 ch at 32x32
+                                    nn.Conv2d(64, 3, 3, 1, 1), nn.Tanh(), nn.BatchNorm2d(3, affine=False))
+
+    def forward(self, z, y):
+        h = self.l1(self.label_emb(y) * z).view(-1, 128, self.init_size, self.init_size)
+        return self.block2(self.block1(self.bn0(h)))
+
+
+class BNStatsLoss:
+    def __init__(self, teacher):
+        self.stats, self.active = [], False
+        for bn in [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]:
+            bn.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.active:  # biased batch variance as E[(x-c)^2] - (E[x]-c)^2, c = running mean: stable, one pass
+            xc = inputs[0] - module.running_mean.view(1, -1, 1, 1)
+            d = xc.mean((0, 2, 3))
+            self.stats.append((module, d + module.running_mean, (xc * xc).mean((0, 2, 3)) - d * d))
+
+    def __call__(self):
+        """mean over BN layers of MSE(batch mean, running_mean) + MSE(batch var, running_var); clears stats."""
+        loss = sum(F.mse_loss(m, bn.running_mean) + F.mse_loss(v, bn.running_var) for bn, m, v in self.stats)
+        loss = loss / len(self.stats)
+        self.stats = []
+        return loss
+
+
+# ALGO LOGIC (our reading): adversarial margin add on the class-centre angle
+def margin_logits(feat, fc, y, margin):
+    """Teacher logits with the target logit replaced by ||W_y|| ||f|| cos(theta_y + m) + b_y (others unchanged)."""
+    logits = fc(feat)
+    if margin == 0:
+        return logits
+    w_y = fc.weight[y]  # [B, D]: the class centres
+    norms = w_y.norm(dim=1) * feat.norm(dim=1)
+    cos = ((w_y * feat).sum(1) / norms.clamp(min=1e-12)).clamp(-1 + 1e-7, 1 - 1e-7)
+    target = norms * torch.cos(torch.acos(cos) + margin) + fc.bias[y]
+    return logits.scatter(1, y[:, None], target[:, None])
+
+
+# ALGO LOGIC: decoupled knowledge distillation (Zhao et al., CVPR 2022)
+def dkd_loss(s_logits, t_logits, y, alpha=1.0, beta=8.0, temperature=4.0):
+    """alpha * TCKD + beta * NCKD, both KL x T^2 averaged over the batch."""
+    T = temperature
+    gt = F.one_hot(y, s_logits.shape[1]).bool()
+    p_s, p_t = F.softmax(s_logits / T, 1), F.softmax(t_logits / T, 1)
+    b_s = torch.stack([p_s[gt], p_s.masked_fill(gt, 0).sum(1)], 1)  # [p(target), p(non-target)]
+    b_t = torch.stack([p_t[gt], p_t.masked_fill(gt, 0).sum(1)], 1)
+    tckd = (b_t * (b_t.log() - b_s.clamp(min=1e-12).log())).sum(1).mean() * T * T
+    log_q_s = F.log_softmax(s_logits / T - 1000.0 * gt, 1)
+    q_t = F.softmax(t_logits / T - 1000.0 * gt, 1)
+    nckd = F.kl_div(log_q_s, q_t, reduction="sum") / len(y) * T * T
+    return alpha * tckd + beta * nckd
+
+
+def kd_loss(s_logits, t_logits, temperature):
+    """GDFQ: KLDivLoss with PyTorch's 'mean' reduction (over B*C elements) x T^2."""
+    T = temperature
+    return F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="none").mean() * T * T
+
+
+def milestone_epochs(args):
+    start, span = (0, args.epochs) if args.milestones_from == "all" else (args.warmup_epochs,
+                                                                          args.epochs - args.warmup_epochs)
+    return [start + round(f * span) for f in args.milestones]
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+if __name__ == "__main__":
+    args = parse()
+    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
+
+    student = quantize_model(teacher, args.wbits, args.abits).requires_grad_(True).eval()
+    generator = Generator(num_classes, args.latent_dim, lka=not args.no_lka).to(device).train()
+    bns_loss = BNStatsLoss(teacher)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
+    opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
+                            weight_decay=args.weight_decay)
+    milestones = milestone_epochs(args)
+    if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
+        print(f"warning: first lr decay at epoch {min(milestones)} is not after the warm-up: the student never "
+              "trains at its base lr (use --milestones-from train for short runs)")
+    progress = Progress(args, run, test, teacher_top1,
+                        {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})
+
+    for epoch in range(progress.start_epoch, args.epochs):
+        t_epoch = time.time()
+        warmup = epoch < args.warmup_epochs
+        set_calibrating(student, warmup)
+        factor = 0.1 ** sum(epoch >= m for m in milestones)
+        set_lr(opt_g, args.lr_g * factor)
+        set_lr(opt_s, args.lr_s * factor)
+        sums = torch.zeros(4, device=device)
+        for it in range(args.iters_per_epoch):
+            z = torch.randn(args.batch_size, args.latent_dim, device=device)
+            y = torch.randint(0, num_classes, (args.batch_size,), device=device)
+
+            # ALGO LOGIC: generator step: CE on margin logits (AMA) + 0.1 * BNS
+            x = generator(z, y)
+            bns_loss.active = True
+            t_logits, t_feats = teacher.forward_features(x)
+            bns_loss.active = False
+            ce_g = F.cross_entropy(margin_logits(t_feats["pool"], teacher.fc, y, args.ama_margin), y)
+            bns = bns_loss()
+            loss_g = ce_g + args.bns_weight * bns
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+
+            # ALGO LOGIC: student step: DKD with the generator's labels (or GDFQ's KL + CE)
+            t_logits = t_logits.detach()
+            with torch.set_grad_enabled(not warmup):
+                s_logits = student(x.detach())
+                if args.kd == "dkd":
+                    loss_s = dkd_loss(s_logits, t_logits, y, args.dkd_alpha, args.dkd_beta, args.kd_temperature)
+                else:
+                    loss_s = kd_loss(s_logits, t_logits, args.temperature) + F.cross_entropy(s_logits, y)
+            if not warmup:
+                opt_s.zero_grad(set_to_none=True)
+                loss_s.backward()
+                opt_s.step()
+            sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
+
+        n = args.iters_per_epoch
+        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"], (sums / n).tolist()))
+        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
+                           n * args.batch_size, time.time() - t_epoch, warmup,
+                           calibration_done=epoch == args.warmup_epochs - 1)
+
+    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
+                              "abits": args.abits})

@@ -1,0 +1,86 @@
+"""LRQ (our reading): LKA block, angular margin logits, DKD against hand computations; smoke runs."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, run_script
+from lrq import LKABlock, Generator, dkd_loss, margin_logits
+
+
+def test_lka_block_shapes_and_gating():
+    torch.manual_seed(0)
+    blk = LKABlock(8)
+    x = torch.randn(2, 8, 16, 16)
+    out = blk(x)
+    assert out.shape == x.shape and not torch.allclose(out, x)
+    assert blk.lka.dw_dilated.dilation == (3, 3) and blk.lka.dw.groups == 8  # 5x5 -> 7x7 dil 3: 21x21 field
+    # zero attention map (LKA's last 1x1 all zero): the gated product vanishes, only proj_out's bias is left
+    torch.nn.init.zeros_(blk.lka.pw.weight)
+    torch.nn.init.zeros_(blk.lka.pw.bias)
+    assert torch.allclose(blk(x), x + blk.proj_out.bias.view(1, -1, 1, 1))
+    g = Generator(10)
+    assert g(torch.randn(4, 100), torch.randint(0, 10, (4,))).shape == (4, 3, 32, 32)
+    assert sum(p.numel() for p in g.parameters()) > sum(p.numel() for p in Generator(10, lka=False).parameters())
+
+
+def test_margin_logits_hand_value():
+    fc = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 2.0], [-1.0, 0.5]]))
+        fc.bias.copy_(torch.tensor([0.5, -0.2, 0.1]))
+    feat = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    y = torch.tensor([0, 1])
+    plain = fc(feat)
+    assert torch.equal(margin_logits(feat, fc, y, 0.0), plain)
+    out = margin_logits(feat, fc, y, math.pi / 4)
+    # sample 0: ||W_0||·||f|| = sqrt(2), theta = pi/4, cos(pi/2) = 0 -> target = b_0 = 0.5
+    assert abs(out[0, 0].item() - 0.5) < 1e-5
+    # sample 1: ||W_1|| = 2, ||f|| = 5, cos theta = 8/10 -> 10·cos(acos(0.8) + pi/4) - 0.2
+    assert abs(out[1, 1].item() - (10 * math.cos(math.acos(0.8) + math.pi / 4) - 0.2)) < 1e-4
+    mask = F.one_hot(y, 3).bool()
+    assert torch.equal(out[~mask], plain[~mask])  # other logits unchanged
+    small = margin_logits(feat, fc, y, 0.3)
+    assert (small[mask] < plain[mask]).all()  # cos(theta + m) < cos(theta) for theta + m < pi
+
+
+def test_dkd_hand_value():
+    s = torch.tensor([[1.0, 0.5, -0.5]])
+    t = torch.tensor([[2.0, 0.0, 1.0]])
+    y = torch.tensor([0])
+    T = 2.0
+
+    def sm(v):
+        e = [math.exp(a / T) for a in v]
+        return [a / sum(e) for a in e]
+    ps, pt = sm(s[0].tolist()), sm(t[0].tolist())
+    bs, bt = [ps[0], 1 - ps[0]], [pt[0], 1 - pt[0]]
+    tckd = sum(q * math.log(q / p) for p, q in zip(bs, bt)) * T * T
+    qs, qt = sm(s[0, 1:].tolist()), sm(t[0, 1:].tolist())  # non-target classes, renormalised
+    nckd = sum(q * math.log(q / p) for p, q in zip(qs, qt)) * T * T
+    assert abs(dkd_loss(s, t, y, 1.0, 8.0, T).item() - (tckd + 8 * nckd)) < 1e-5
+    assert abs(dkd_loss(s, t, y, 0.0, 1.0, T).item() - nckd) < 1e-5
+
+
+def test_dkd_decomposition_of_kd():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 10), torch.randn(6, 10) * 2, torch.randint(0, 10, (6,))
+    T = 4.0
+    for i in range(6):  # per sample: KD = TCKD + (1 - p_t(target)) * NCKD
+        si, ti, yi = s[i:i + 1], t[i:i + 1], y[i:i + 1]
+        kd = F.kl_div(F.log_softmax(si / T, 1), F.softmax(ti / T, 1), reduction="sum") * T * T
+        w = 1 - F.softmax(ti / T, 1)[0, yi].item()
+        assert abs(dkd_loss(si, ti, yi, 1.0, w, T).item() - kd.item()) < 1e-4
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-lka", "--ama-margin", "0", "--kd", "kl"]])
+def test_smoke(extra, tiny_data, teachers, tmp_path):
+    r = run_script(["lrq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
+                    "--run-name", "r", "--epochs", "2", "--warmup-epochs", "1", "--iters-per-epoch", "2",
+                    "--batch-size", "8", "--milestones-from", "train", *extra], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["epochs_done"] == 2 and s["final_top1"] is not None
+    assert s["args"]["kd"] == ("kl" if extra else "dkd")
