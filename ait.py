@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, UpsampleConv3x3, add_common_args,
-                    parse_args, quantize_model, set_calibrating, setup, weight_codes)
+                    lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup, weight_codes)
 
 
 def parse(argv=None):
@@ -146,18 +146,6 @@ class GradientInundation(torch.optim.Optimizer):
                 self.last_alphas.append(alpha)
 
 
-def milestone_epochs(args):
-    """Absolute epochs at which the lrs and the GI threshold are multiplied by 0.1 (from that epoch on)."""
-    start, span = (0, args.epochs) if args.milestones_from == "all" else (args.warmup_epochs,
-                                                                          args.epochs - args.warmup_epochs)
-    return [start + round(f * span) for f in args.milestones]
-
-
-def set_group(opt, key, value):
-    for group in opt.param_groups:
-        group[key] = value
-
-
 if __name__ == "__main__":
     args = parse()
     teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
@@ -178,10 +166,7 @@ if __name__ == "__main__":
     if qweights:  # weight decay 0 (AIT), so GI needs none
         opts["opt_gi"] = GradientInundation(qweights, args.lr_s, args.wbits, args.passing_threshold, args.momentum,
                                             args.alpha_cap)
-    milestones = milestone_epochs(args)
-    if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
-        print(f"warning: first lr decay at epoch {min(milestones)} is not after the warm-up: the student never "
-              "trains at its base lr (use --milestones-from train for short runs)")
+    milestones = lr_milestones(args)
     opt_gi = opts.get("opt_gi")
     progress = Progress(args, run, test, teacher_top1, {"student": student, "generator": generator, **opts})
 
@@ -190,11 +175,11 @@ if __name__ == "__main__":
         warmup = epoch < args.warmup_epochs
         set_calibrating(student, warmup)  # activation ranges follow the generated data during warm-up only
         factor = 0.1 ** sum(epoch >= m for m in milestones)
-        set_group(opt_g, "lr", args.lr_g * factor)
-        set_group(opt_s, "lr", args.lr_s * factor)
+        set_lr(opt_g, args.lr_g * factor)
+        set_lr(opt_s, args.lr_s * factor)
         if opt_gi:
-            set_group(opt_gi, "lr", args.lr_s * factor)
-            set_group(opt_gi, "threshold", args.passing_threshold * factor)
+            set_lr(opt_gi, args.lr_s * factor)
+            set_lr(opt_gi, args.passing_threshold * factor, key="threshold")
         sums, alpha_sum, gi_time = torch.zeros(4, device=device), 0.0, 0.0
         for it in range(args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)

@@ -753,6 +753,26 @@ class Progress:
               f"wall {fmt_time(wall)}; summary in {os.path.join(self.run.dir, 'summary.json')}")
 
 
+def lr_milestones(args):
+    """Epochs from which the learning rates are x0.1 (the family's step schedule): fractions `args.milestones` of
+    all epochs ('all': exactly 100/200/300 of 400, as the reference's `epoch + 1 > milestone`) or of the
+    post-warm-up epochs, offset by the warm-up ('train', for short runs). Warns if the student would never train
+    at its base lr."""
+    start, span = (0, args.epochs) if args.milestones_from == "all" else (args.warmup_epochs,
+                                                                          args.epochs - args.warmup_epochs)
+    milestones = [start + round(f * span) for f in args.milestones]
+    if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
+        print(f"warning: first lr decay at epoch {min(milestones)} is not after the warm-up: the student never "
+              "trains at its base lr (use --milestones-from train for short runs)")
+    return milestones
+
+
+def set_lr(opt, lr, key="lr"):
+    """Set `key` (the lr by default) of every param group of opt."""
+    for group in opt.param_groups:
+        group[key] = lr
+
+
 def check_finite(losses, epoch):
     """Stop the run (exit 1, one line) if any epoch-mean loss is NaN/Inf; the last checkpoint is kept."""
     for name, v in losses.items():

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, parse_args,
-                    quantize_model, set_calibrating, setup)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, lr_milestones, parse_args,
+                    quantize_model, set_calibrating, set_lr, setup)
 
 
 def parse(argv=None):
@@ -150,17 +150,6 @@ def kd_loss(s_logits, t_logits, temperature):
     return F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="none").mean() * T * T
 
 
-def milestone_epochs(args):
-    start, span = (0, args.epochs) if args.milestones_from == "all" else (args.warmup_epochs,
-                                                                          args.epochs - args.warmup_epochs)
-    return [start + round(f * span) for f in args.milestones]
-
-
-def set_lr(opt, lr):
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
 if __name__ == "__main__":
     args = parse()
     teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
@@ -172,10 +161,7 @@ if __name__ == "__main__":
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
                             weight_decay=args.weight_decay)
-    milestones = milestone_epochs(args)
-    if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
-        print(f"warning: first lr decay at epoch {min(milestones)} is not after the warm-up: the student never "
-              "trains at its base lr (use --milestones-from train for short runs)")
+    milestones = lr_milestones(args)
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})
 
