@@ -442,31 +442,37 @@ class QuantReLU(nn.Module):
         return f"abits={self.abits}, momentum={self.momentum}"
 
 
+def swap_modules(model, fn):
+    """Replace, recursively and in place, every submodule m for which fn(m) returns a module (None: recurse)."""
+    for name, child in model.named_children():
+        new = fn(child)
+        if new is None:
+            swap_modules(child, fn)
+        else:
+            setattr(model, name, new)
+    return model
+
+
 def quantize_model(model, wbits, abits):
     """A quantized copy of `model`: every Conv2d/Linear becomes QConv2d/QLinear at `wbits` (same float weights)
     and every ReLU a QuantReLU at `abits` (19 in ResNet-20). BN stays float and unfused. The copy is on the
     model's device, in channels_last memory format (faster convolutions on CPU and GPU)."""
     import copy
-    q = copy.deepcopy(model)
 
-    def swap(mod):
-        for name, child in mod.named_children():
-            if isinstance(child, nn.Conv2d):
-                new = QConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                              child.padding, child.dilation, child.groups, child.bias is not None)
-                new.load_state_dict(child.state_dict())
-                new.wbits = wbits
-            elif isinstance(child, nn.Linear):
-                new = QLinear(child.in_features, child.out_features, child.bias is not None)
-                new.load_state_dict(child.state_dict())
-                new.wbits = wbits
-            elif isinstance(child, nn.ReLU):
-                new = QuantReLU(abits)
-            else:
-                swap(child)
-                continue
-            setattr(mod, name, new)
-    swap(q)
+    def swap(child):
+        if isinstance(child, nn.Conv2d):
+            new = QConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                          child.padding, child.dilation, child.groups, child.bias is not None)
+        elif isinstance(child, nn.Linear):
+            new = QLinear(child.in_features, child.out_features, child.bias is not None)
+        elif isinstance(child, nn.ReLU):
+            return QuantReLU(abits)
+        else:
+            return None
+        new.load_state_dict(child.state_dict())
+        new.wbits = wbits
+        return new
+    q = swap_modules(copy.deepcopy(model), swap)
     return q.to(next(model.parameters()).device, memory_format=torch.channels_last)
 
 
@@ -542,6 +548,19 @@ def augment(x, generator=None, pad=4):
     out = xp.gather(3, cols)
     flip = torch.rand(b, generator=generator, device="cpu").to(x.device) < 0.5
     return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+
+
+def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, labels=None):
+    """One epoch over a uint8 training split in a random order (torch's RNG): normalised, randomly cropped and
+    flipped batches on `device` (the last partial batch is dropped). Yields x, or (x, y) when labels are given."""
+    perm = torch.randperm(len(x_uint8))
+    for i in range(0, len(perm) - batch_size + 1, batch_size):
+        idx = perm[i:i + batch_size]
+        x = normalise(x_uint8[idx].to(device), mean, std)
+        if augment_images:
+            x = augment(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        yield x if labels is None else (x, labels[idx].to(device))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,235 @@
+"""FAQD: Feature Affinity assisted Knowledge Distillation and Quantization of deep neural networks on label-free
+data (Li, Yang, Yin, Qi, Xin; IEEE Access 2023, arXiv 2302.10899).
+
+Reference code: github.com/lzj994/FAQD (CIFAR/quant_distill_cifar10_full.py, quant_uni_type.py).
+Idea: quantization-aware training on REAL training images without their labels: the quantized student matches the
+FP teacher's logits (MSE) and, through a small learnable adapter, the teacher's feature affinity (the cosine
+similarity between every pair of spatial positions) at the three stage outputs. FAQD brings its own quantizers
+(weight projections and a learnable-step quantized ReLU). Docs: README.md#faqd.
+
+    python faqd.py --dataset cifar10 --wbits 4 --abits 4
+"""
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (NUM_CLASSES, ArgumentParser, CifarResNet, Progress, add_common_args, die, load_cifar,
+                    parse_args, setup, swap_modules, train_batches)
+
+WBITS, ABITS = (1, 2, 4), (1, 2, 4, 8)
+
+
+def parse(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(p, "faqd")
+    p.add_argument("--epochs", type=int, default=200, help="passes over the training split (0: evaluate the teacher)")
+    p.add_argument("--batch-size", type=int, default=100, help="real training images per iteration")
+    p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD (Nesterov) learning rate, cosine decay over the epochs")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    p.add_argument("--grad-clip", type=float, default=20.0, help="gradient-norm clip")
+    p.add_argument("--kd", default="mse", choices=["mse", "kl"], help="logit distillation: MSE, or KL at --kd-temperature")
+    p.add_argument("--kd-temperature", type=float, default=5.0, help="temperature for --kd kl")
+    p.add_argument("--kd-coef", type=float, default=1.0, help="weight of the logit distillation term")
+    p.add_argument("--fa-coef", type=float, default=0.1, help="weight of the feature-affinity term")
+    p.add_argument("--label-coef", type=float, default=0.0, help="weight of the CE on true labels (0: label-free)")
+    p.add_argument("--fa-type", default="fa", choices=["fa", "ffa"], help="exact feature affinity or its fast sketch")
+    p.add_argument("--ffa-k", type=int, default=15, help="FFA: number of random projections")
+    p.add_argument("--alpha-rate", type=float, default=0.01, help="activation-step gradient rate (reference: 0.01)")
+    p.add_argument("--student-depth", type=int, default=None, help="student ResNet depth (default: the teacher's)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="random student init (the paper's end-to-end mode) instead of the teacher's weights")
+    args = parse_args(p, argv, bits=(1, 8))
+    if args.wbits not in WBITS:
+        die(f"--wbits {args.wbits} is not supported by FAQD's weight projections; choose from {WBITS}")
+    if args.abits not in ABITS:
+        die(f"--abits {args.abits} is not supported by FAQD's quantized ReLU; choose from {ABITS}")
+    args.student_depth = args.student_depth or args.teacher_depth
+    return args
+
+
+# ALGO LOGIC: FAQD's weight projections (per layer), applied in the forward; the update goes to the float copy
+def project_weight(w, bits):
+    a = w.abs()
+    if bits == 1:  # sign(w) * mean|w|
+        return torch.sign(w) * a.mean()
+    if bits == 2:  # ternary: threshold 0.7 mean|w|, scale = mean of the kept magnitudes over all entries
+        mask = (a >= 0.7 * a.mean()).float()
+        return torch.sign(w) * mask * (a * mask).mean()
+    # 4 bits: 15 symmetric levels; q in 0..7 at step 2*delta, least-squares scale sum|w|q / sum q^2
+    delta = (a.max() / 15).clamp(max=10)
+    q = torch.round(a / (2 * delta)).clamp(0, 7)
+    scale = (a * q).sum() / (q * q).sum().clamp(min=1e-12)
+    return torch.sign(w) * q * scale
+
+
+class ProjConv2d(nn.Conv2d):
+    """Conv2d whose forward uses the projected weight (gradient straight through to the float weight)."""
+    wbits = 4
+
+    def forward(self, x):
+        w = self.weight
+        w_q = w + (project_weight(w.detach(), self.wbits) - w).detach()
+        return self._conv_forward(x, w_q, self.bias)
+
+
+class _QReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, bits, rate):
+        a, L = alpha.clamp(1e-3, 5), 2 ** bits - 1
+        out = torch.where(x > a * (L - 1), a * L, torch.ceil(x / a) * a)
+        out = torch.where(x > 0, out, torch.zeros_like(out))
+        ctx.save_for_backward(x, a)
+        ctx.bits, ctx.rate = bits, rate
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a = ctx.saved_tensors
+        L = 2 ** ctx.bits - 1
+        inside = (x > 0) & (x <= a * L)
+        grad_x = g * inside
+        # reference 'mean' rule: d/d alpha = 2^(b-1) inside (0, aL], L above; x rate, clamped to +-1
+        g0 = torch.where(inside, 2.0 ** (ctx.bits - 1), torch.where(x > a * L, float(L), 0.0))
+        grad_a = ((g * g0).sum() * ctx.rate).clamp(-1, 1).reshape(1)
+        return grad_x, grad_a, None, None
+
+
+class FAQDReLU(nn.Module):
+    """FAQD's quantized ReLU: levels 0, a, 2a, ..., L*a (L = 2^b - 1) with a learnable step a."""
+    INIT = {1: 1.2221, 2: 0.6511, 4: 0.1946, 8: 0.1946 / 17}  # reference inits; 8 bits: 4-bit step / 17 (ours)
+
+    def __init__(self, bits, rate=0.01):
+        super().__init__()
+        self.bits, self.rate = bits, rate
+        self.alpha = nn.Parameter(torch.tensor([self.INIT[bits]]))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.alpha.clamp_(1e-3, 5)
+        return _QReLU.apply(x, self.alpha, self.bits, self.rate)
+
+
+# ALGO LOGIC: feature affinity (FA) and its fast sketch (FFA)
+def _unit_positions(f):
+    """[B, C, H, W] -> [B, C, HW] with every position's channel vector L2-normalised (eps 1e-5)."""
+    f = f.flatten(2)
+    return f / (f.norm(dim=1, keepdim=True) + 1e-5)
+
+
+def fa_loss(fs, ft):
+    """sum over the batch of ||A_s - A_t||_1 / (HW)^2, A = F^T F over unit position vectors (teacher detached)."""
+    ft = ft.detach()
+    if ft.shape[-2:] != fs.shape[-2:]:
+        ft = F.interpolate(ft, size=fs.shape[-2:], mode="bilinear", align_corners=False)
+    s, t = _unit_positions(fs), _unit_positions(ft)
+    hw = s.shape[-1]
+    return (s.transpose(1, 2) @ s - t.transpose(1, 2) @ t).abs().sum() / hw ** 2
+
+
+def ffa_loss(fs, ft, k, generator, p=1):
+    """FA's sketch: compare A_s V and A_t V (V: HW x k Gaussian, drawn from `generator`), computed as F^T (F V) in
+    O(C HW k). |.|^p summed over positions, averaged over k, summed over the batch, / (HW)^2."""
+    ft = ft.detach()
+    if ft.shape[-2:] != fs.shape[-2:]:
+        ft = F.interpolate(ft, size=fs.shape[-2:], mode="bilinear", align_corners=False)
+    s, t = _unit_positions(fs), _unit_positions(ft)
+    hw = s.shape[-1]
+    v = torch.randn(hw, k, generator=generator, device="cpu").to(fs.device, fs.dtype)
+    m = s.transpose(1, 2) @ (s @ v) - t.transpose(1, 2) @ (t @ v)  # [B, HW, k]
+    return m.abs().pow(p).sum(1).mean(1).sum() / hw ** 2
+
+
+class GeneratorState:
+    """Checkpoint adapter for a torch.Generator (which has get_state/set_state, not state_dict)."""
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def state_dict(self):
+        return {"state": self.gen.get_state()}
+
+    def load_state_dict(self, d):
+        self.gen.set_state(d["state"])
+
+
+def build_student(args, teacher, num_classes):
+    """The student ResNet (teacher weights unless --from-scratch) with FAQD's quantizers: every conv projected
+    (first conv included), every ReLU a FAQDReLU, the FC full precision."""
+    student = CifarResNet(args.student_depth, num_classes)
+    if not args.from_scratch:
+        if args.student_depth != args.teacher_depth:
+            die("--student-depth differs from the teacher's: fine-tuning needs the same depth; add --from-scratch")
+        student.load_state_dict(teacher.state_dict())
+
+    def swap(m):
+        if isinstance(m, nn.Conv2d):
+            q = ProjConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None)
+            q.load_state_dict(m.state_dict())
+            q.wbits = args.wbits
+            return q
+        if isinstance(m, nn.ReLU):
+            return FAQDReLU(args.abits, args.alpha_rate)
+        return None
+    return swap_modules(student, swap).to(args.device, memory_format=torch.channels_last)
+
+
+if __name__ == "__main__":
+    args = parse()
+    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
+    x_train, y_train = load_cifar(args.dataset, args.data_dir, train=True)
+    if args.train_subset:
+        x_train, y_train = x_train[:args.train_subset], y_train[:args.train_subset]
+    args.iters_per_epoch = len(x_train) // args.batch_size
+    if args.iters_per_epoch == 0:
+        die(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")
+
+    student = build_student(args, teacher, num_classes)
+    adapters = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU()) for c in (16, 32, 64)).to(device)
+    params = list(student.parameters()) + list(adapters.parameters())
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay)
+    ffa_gen = torch.Generator().manual_seed(args.seed)  # private RNG for FFA's projections (not the global one)
+    progress = Progress(args, run, test, teacher_top1,
+                        {"student": student, "adapters": adapters, "opt": opt, "ffa_gen": GeneratorState(ffa_gen)})
+    if progress.start_epoch == 0:
+        progress.calib_top1 = test.top1(student)  # quantized, before any training step
+        print(f"student top-1 before training {progress.calib_top1:.2f}", flush=True)
+
+    for epoch in range(progress.start_epoch, args.epochs):
+        t_epoch = time.time()
+        lr = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine over the epochs
+        for group in opt.param_groups:
+            group["lr"] = lr
+        student.train()
+        sums = torch.zeros(4, device=device)
+        for x, y in train_batches(x_train, args.batch_size, test.mean, test.std, device, labels=y_train):
+            with torch.no_grad():
+                t_logits, t_feats = teacher.forward_features(x)
+            s_logits, s_feats = student.forward_features(x)
+            # ALGO LOGIC: logit distillation + feature affinity of the three stage outputs (+ optional labels)
+            if args.kd == "mse":
+                kd = F.mse_loss(s_logits, t_logits)
+            else:
+                T = args.kd_temperature
+                kd = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="batchmean") * T * T
+            fa = sum(fa_loss(a(fs), ft) if args.fa_type == "fa" else ffa_loss(a(fs), ft, args.ffa_k, ffa_gen)
+                     for a, fs, ft in zip(adapters, s_feats["stages"], t_feats["stages"]))
+            ce = F.cross_entropy(s_logits, y) if args.label_coef else torch.zeros((), device=device)
+            loss = args.kd_coef * kd + args.fa_coef * fa + args.label_coef * ce
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            sums += torch.stack([loss, kd, fa, ce]).detach()
+        student.eval()
+        n = args.iters_per_epoch
+        losses = dict(zip(["losses/loss", "losses/kd", "losses/fa", "losses/ce"], (sums / n).tolist()))
+        progress.end_epoch(epoch, student, losses, {"lr": lr}, n * args.batch_size, time.time() - t_epoch)
+
+    progress.finish(student, {"depth": args.student_depth, "num_classes": num_classes, "wbits": args.wbits,
+                              "abits": args.abits, "quantizer": "faqd"})

@@ -1,0 +1,212 @@
+"""SQAKD: Self-Supervised Quantization-Aware Knowledge Distillation (Zhao & Zhao, AISTATS 2024, arXiv 2403.11106).
+
+Reference code: github.com/kaiqi123/SQAKD (CIFAR/train_quant.py, CIFAR/models/custom_modules.py).
+Idea: quantization-aware training on REAL unlabeled images where the only loss is KL(teacher || student) at T = 4;
+the student starts from the FP teacher. The paper frames any quantizer as clip -> normalise -> discretise ->
+rescale, with a discretisation gradient scaled by delta (0 = straight-through; EWGS uses delta > 0), which is what
+lets it wrap EWGS, PACT, LSQ and DoReFa. Docs: README.md#sqakd.
+
+    python sqakd.py --dataset cifar10 --wbits 2 --abits 2
+"""
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (NUM_CLASSES, ArgumentParser, Progress, add_common_args, die, load_cifar, parse_args, setup,
+                    swap_modules, train_batches)
+
+RECIPE = {  # the reference scripts' CIFAR settings
+    "cifar10": dict(epochs=1200, batch_size=256, lr=1e-3, lr_q=1e-5, weight_decay=1e-4),
+    "cifar100": dict(epochs=720, batch_size=64, lr=5e-4, lr_q=5e-6, weight_decay=5e-4),
+}
+
+
+def parse(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(p, "sqakd")
+    p.add_argument("--quantizer", default="ewgs", choices=["ewgs", "pact", "lsq", "dorefa"],
+                   help="quantizer expressed in the unified clip/normalise/discretise/rescale form")
+    p.add_argument("--delta", type=float, default=0.0, help="discretisation gradient scaling (0: STE; EWGS: > 0)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training split (1200 / 720)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per iteration (256 / 64)")
+    p.add_argument("--lr", type=float, default=None, help="Adam lr of the model parameters (1e-3 / 5e-4)")
+    p.add_argument("--lr-q", type=float, default=None, help="Adam lr of the quantizer parameters (1e-5 / 5e-6)")
+    p.add_argument("--weight-decay", type=float, default=None, help="model-parameter weight decay (1e-4 / 5e-4)")
+    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
+    p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--no-augment", action="store_true", help="no random crop + flip")
+    args = parse_args(p, argv, bits=(1, 8))
+    for k, v in RECIPE[args.dataset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.delta < 0:
+        die(f"--delta {args.delta} must be >= 0")
+    return args
+
+
+# ALGO LOGIC: the unified quantizer's discretiser: round on a 2^b - 1 grid in [0, 1], scaled gradient
+class _Discretise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xn, bits, delta):
+        n = 2 ** bits - 1
+        xq = torch.round(xn * n) / n
+        ctx.save_for_backward(xn - xq)
+        ctx.delta = delta
+        return xq
+
+    @staticmethod
+    def backward(ctx, g):
+        (err,) = ctx.saved_tensors  # dL/dxn = dL/dxq * (1 + delta * sign(dL/dxq) * (xn - xq))
+        return g * (1 + ctx.delta * torch.sign(g) * err) if ctx.delta else g, None, None
+
+
+def discretise(xn, bits, delta=0.0):
+    return _Discretise.apply(xn, bits, delta)
+
+
+def unified(x, lo, hi, bits, delta):
+    """clip to [lo, hi] -> normalise to [0, 1] -> discretise; returns the normalised discrete value in [0, 1]."""
+    return discretise(((x - lo) / (hi - lo)).clamp(0, 1), bits, delta)
+
+
+class UQConv2d(nn.Conv2d):
+    """Conv2d with quantized weights and quantized input activations, per-tensor learned ranges.
+
+    ewgs  : w_q = 2 (D((W - lW)/(uW - lW)) - 0.5), a_q = D((x - lA)/(uA - lA)), y = conv(a_q, w_q) * |scale|
+    pact  : DoReFa weights, a_q = D(clip(x, 0, uA)/uA) * uA (learned clip uA)
+    lsq   : w_q = D((W - lW)/(uW - lW)) (uW - lW) + lW with lW = -2^(b-1) sW, uW = (2^(b-1) - 1) sW; a_q likewise on
+            [0, (2^b - 1) sA]; learned steps sW, sA (autograd through the pipeline gives LSQ's step gradient,
+            without its 1/sqrt(N Qp) gradient scale)
+    dorefa: w_q = 2 D(tanh(W)/(2 max|tanh W|) + 0.5) - 1, a_q = D(clip(x, 0, 1)); nothing learned
+    """
+    method, wbits, abits, delta, initialising = "ewgs", 4, 4, 0.0, False
+
+    def setup_quant(self, method, wbits, abits, delta):
+        self.method, self.wbits, self.abits, self.delta = method, wbits, abits, delta
+        for name in ("lW", "uW", "lA", "uA", "scale", "sW", "sA"):
+            self.register_parameter(name, nn.Parameter(torch.ones(())))
+        return self
+
+    def quant_params(self):
+        return [self.lW, self.uW, self.lA, self.uA, self.scale, self.sW, self.sA]
+
+    @torch.no_grad()
+    def init_ranges(self, x):
+        """The reference's initialisation from one batch (and its analogues for the other quantizers)."""
+        w, qp_w, qp_a = self.weight, 2 ** (self.wbits - 1) - 1 or 1, 2 ** self.abits - 1
+        self.uW.fill_(3 * w.std())
+        self.lW.fill_(-3 * w.std())
+        self.uA.fill_(3 * x.std() / math.sqrt(1 - 2 / math.pi))
+        self.lA.fill_(x.min())
+        self.sW.fill_(2 * w.abs().mean() / math.sqrt(qp_w))
+        self.sA.fill_(2 * x.abs().mean() / math.sqrt(qp_a))
+        self.scale.fill_(1.0)
+        ref = self._conv_forward(x, w, self.bias).abs().mean()
+        self.scale.fill_(ref / self.quant_forward(x).abs().mean().clamp(min=1e-12))
+
+    def quant_forward(self, x):
+        b_w, b_a, d, m = self.wbits, self.abits, self.delta, self.method
+        if m == "ewgs":
+            w_q = 2 * (unified(self.weight, self.lW, self.uW, b_w, d) - 0.5)
+            a_q = unified(x, self.lA, self.uA, b_a, d)
+            return self._conv_forward(a_q, w_q, self.bias) * self.scale.abs()
+        if m in ("pact", "dorefa"):
+            t = torch.tanh(self.weight)
+            w_q = 2 * discretise(t / (2 * t.abs().max()) + 0.5, b_w, d) - 1
+            hi = self.uA if m == "pact" else torch.ones((), device=x.device)
+            a_q = unified(x, torch.zeros((), device=x.device), hi, b_a, d) * hi
+            return self._conv_forward(a_q, w_q, self.bias)
+        lo_w, hi_w = -(2 ** (b_w - 1)) * self.sW, (2 ** (b_w - 1) - 1 or 1) * self.sW  # lsq
+        w_q = unified(self.weight, lo_w, hi_w, b_w, d) * (hi_w - lo_w) + lo_w
+        hi_a = (2 ** b_a - 1) * self.sA
+        a_q = unified(x, torch.zeros((), device=x.device), hi_a, b_a, d) * hi_a
+        return self._conv_forward(a_q, w_q, self.bias)
+
+    def forward(self, x):
+        if self.initialising:
+            self.init_ranges(x)
+        return self.quant_forward(x)
+
+
+def build_student(args, teacher):
+    """A copy of the teacher whose convs, except the first, are UQConv2d; the classifier stays FP."""
+    import copy
+    student = copy.deepcopy(teacher).requires_grad_(True)
+
+    def swap(m):
+        if isinstance(m, nn.Conv2d) and m is not student.conv1:
+            q = UQConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=m.bias is not None)
+            q.load_state_dict(m.state_dict())
+            return q.setup_quant(args.quantizer, args.wbits, args.abits, args.delta)
+        return None
+    return swap_modules(student, swap).to(args.device, memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def initialise(student, x):
+    """Set every quantizer's ranges from one training batch, layer by layer, in forward order."""
+    qconvs = [m for m in student.modules() if isinstance(m, UQConv2d)]
+    for m in qconvs:
+        m.initialising = True
+    student(x)
+    for m in qconvs:
+        m.initialising = False
+
+
+# ALGO LOGIC: the only loss: KL(teacher || student) at T, batch mean, no labels
+def kd_loss(s_logits, t_logits, temperature):
+    T = temperature
+    return F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="batchmean") * T * T
+
+
+if __name__ == "__main__":
+    args = parse()
+    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
+    x_train, _ = load_cifar(args.dataset, args.data_dir, train=True)
+    if args.train_subset:
+        x_train = x_train[:args.train_subset]
+    args.iters_per_epoch = len(x_train) // args.batch_size
+    if args.iters_per_epoch == 0:
+        die(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")
+
+    student = build_student(args, teacher)
+    qparams = [p for m in student.modules() if isinstance(m, UQConv2d) for p in m.quant_params()]
+    mparams = [p for p in student.parameters() if all(p is not q for q in qparams)]
+    opt = torch.optim.Adam(mparams, lr=args.lr, weight_decay=args.weight_decay)
+    opt_q = torch.optim.Adam(qparams, lr=args.lr_q, weight_decay=0.0)
+    progress = Progress(args, run, test, teacher_top1, {"student": student, "opt": opt, "opt_q": opt_q})
+    if progress.start_epoch == 0:
+        # initialise the ranges on one training batch before the first step (without it the loss is NaN)
+        initialise(student.train(), next(train_batches(x_train, args.batch_size, test.mean, test.std, device)))
+        progress.calib_top1 = test.top1(student)
+        print(f"student top-1 after range initialisation {progress.calib_top1:.2f}", flush=True)
+
+    for epoch in range(progress.start_epoch, args.epochs):
+        t_epoch = time.time()
+        cos = 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine decay to 0 over the epochs
+        for o, lr in ((opt, args.lr), (opt_q, args.lr_q)):
+            for group in o.param_groups:
+                group["lr"] = lr * cos
+        student.train()
+        loss_sum = torch.zeros((), device=device)
+        for x in train_batches(x_train, args.batch_size, test.mean, test.std, device, not args.no_augment):
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = kd_loss(student(x), t_logits, args.temperature)
+            opt.zero_grad(set_to_none=True)
+            opt_q.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            opt_q.step()
+            loss_sum += loss.detach()
+        student.eval()
+        n = args.iters_per_epoch
+        progress.end_epoch(epoch, student, {"losses/kd": (loss_sum / n).item()},
+                           {"lr": args.lr * cos, "lr_q": args.lr_q * cos}, n * args.batch_size, time.time() - t_epoch)
+
+    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
+                              "abits": args.abits, "quantizer": f"sqakd-{args.quantizer}"})

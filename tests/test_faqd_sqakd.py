@@ -1,0 +1,145 @@
+"""FAQD (feature affinity, its sketch, its quantizers) and SQAKD (unified quantizer, initialisation); smoke runs."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import ROOT, random_teacher, run_script
+from faqd import FAQDReLU, fa_loss, ffa_loss, project_weight
+from sqakd import UQConv2d, build_student, discretise, initialise, kd_loss
+
+
+def test_fa_hand_value():
+    # student positions (1,0) and (0,1): A_s = I; teacher positions (1,0) and (1,0): A_t = all ones
+    fs = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]], requires_grad=True)
+    ft = torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])
+    loss = fa_loss(fs, ft)
+    assert abs(loss.item() - 2 / 4) < 1e-4  # |off-diagonals| = 2, over (HW)^2 = 4
+    loss.backward()
+    assert fs.grad is not None
+    assert fa_loss(ft, ft).item() == 0.0
+    # batch: summed over samples
+    assert abs(fa_loss(torch.cat([fs.detach()] * 3), torch.cat([ft] * 3)).item() - 1.5) < 1e-4
+
+
+def test_ffa_order2_estimate_converges_to_fa_frobenius():
+    torch.manual_seed(0)
+    fs, ft = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+
+    def unit(f):
+        f = f.flatten(2)
+        return f / (f.norm(dim=1, keepdim=True) + 1e-5)
+    s, t = unit(fs), unit(ft)
+    exact = ((s.transpose(1, 2) @ s - t.transpose(1, 2) @ t) ** 2).sum() / 36 ** 2  # ||A_s - A_t||_F^2 / (HW)^2
+    errs = []
+    for k in (15, 200, 8000):
+        est = ffa_loss(fs, ft, k, torch.Generator().manual_seed(1), p=2)
+        errs.append(abs(est.item() / exact.item() - 1))
+    # E[(D v)_i^2] = sum_j D_ij^2 for v ~ N(0, I): relative std sqrt(2/k) ~ 1.6 % at k = 8000; 5 % is > 3 sigma
+    assert errs[-1] < 0.05 and errs[-1] < errs[0]
+
+
+def test_faqd_weight_projections():
+    w = torch.tensor([0.5, -1.0, 0.1, -0.2, 2.0, 0.05])
+    mean = w.abs().mean()  # 0.641667
+    assert torch.allclose(project_weight(w, 1), torch.sign(w) * mean)
+    # ternary: threshold 0.7 * mean = 0.449 keeps 0.5, -1.0, 2.0; scale = (0.5 + 1 + 2) / 6
+    assert torch.allclose(project_weight(w, 2), torch.tensor([1.0, -1.0, 0, 0, 1.0, 0]) * 3.5 / 6)
+    torch.manual_seed(0)
+    w4 = torch.randn(500)
+    q4 = project_weight(w4, 4)
+    assert len(q4.unique()) <= 15
+    delta = w4.abs().max() / 15
+    codes = torch.sign(w4) * torch.round(w4.abs() / (2 * delta)).clamp(0, 7)  # integers in -7..7
+    scale = (w4.abs() * codes.abs()).sum() / (codes ** 2).sum()
+    assert torch.allclose(q4, codes * scale) and codes.abs().max() == 7
+    # the scale is the least-squares one: the residual is orthogonal to the code pattern
+    assert abs(((w4 - q4) * codes).sum().item()) < 1e-3
+
+
+def test_faqd_quantized_relu_levels_and_gradients():
+    q = FAQDReLU(2)
+    with torch.no_grad():
+        q.alpha.fill_(0.5)  # L = 3: levels 0, 0.5, 1.0, 1.5
+    x = torch.tensor([-1.0, 0.0, 0.1, 0.5, 0.6, 1.0, 1.2, 5.0], requires_grad=True)
+    out = q(x)
+    assert torch.allclose(out, torch.tensor([0, 0, 0.5, 0.5, 1.0, 1.0, 1.5, 1.5]))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 0, 1, 1, 1, 1, 1, 0]))  # passes on 0 < x <= a L
+    # 'mean' rule: 2^(b-1) = 2 for the 5 inputs inside, L = 3 for the one above: (10 + 3) * 0.01
+    assert abs(q.alpha.grad.item() - 0.13) < 1e-6
+
+
+def test_discretise_levels_and_gradient_scaling():
+    xn = torch.tensor([0.0, 0.1, 0.2, 0.5, 0.9, 1.0], requires_grad=True)
+    xq = discretise(xn, 2)  # grid k/3
+    assert torch.allclose(xq, torch.tensor([0, 0, 1 / 3, 2 / 3, 1, 1]))  # 0.5 * 3 = 1.5 rounds to even 2
+    g = torch.tensor([1.0, -2.0, 1.0, 1.0, -1.0, 1.0])
+    xq.backward(g)
+    assert torch.equal(xn.grad, g)  # delta = 0: straight through
+    xn.grad = None
+    discretise(xn, 2, 0.5).backward(g)
+    expect = g * (1 + 0.5 * torch.sign(g) * (xn.detach() - xq.detach()))
+    assert torch.allclose(xn.grad, expect) and not torch.allclose(expect, g)
+
+
+@pytest.mark.parametrize("method", ["ewgs", "pact", "lsq", "dorefa"])
+def test_unified_quantizers_levels_and_range_gradients(method):
+    torch.manual_seed(0)
+    conv = UQConv2d(4, 3, 3, padding=1, bias=False).setup_quant(method, 2, 2, 0.0)
+    x = torch.relu(torch.randn(5, 4, 6, 6))
+    conv.initialising = True
+    conv(x)
+    conv.initialising = False
+    captured = {}
+    orig = conv._conv_forward
+    conv._conv_forward = lambda a, w, b: captured.update(a=a, w=w) or orig(a, w, b)
+    y = conv(x)
+    a_levels, w_levels = captured["a"].unique(), captured["w"].unique()
+    assert len(a_levels) <= 4 and len(w_levels) <= 4 and a_levels.min() >= 0
+    if method in ("ewgs", "dorefa"):
+        assert w_levels.min() >= -1 - 1e-6 and w_levels.max() <= 1 + 1e-6
+    y.sum().backward()
+    assert conv.weight.grad.abs().sum() > 0
+    learned = {"ewgs": ["lW", "uW", "uA", "scale"], "pact": ["uA"], "lsq": ["sW", "sA"], "dorefa": []}[method]
+    for name in learned:
+        assert getattr(conv, name).grad is not None and getattr(conv, name).grad.abs() > 0, name
+
+
+def test_sqakd_initialisation_then_finite_first_step():
+    teacher = random_teacher(10)
+    args = SimpleNamespace(quantizer="ewgs", wbits=2, abits=2, delta=0.0, device="cpu")
+    student = build_student(args, teacher)
+    x = torch.randn(16, 3, 32, 32)
+    initialise(student.train(), x)
+    qconvs = [m for m in student.modules() if isinstance(m, UQConv2d)]
+    assert len(qconvs) == 20 and not isinstance(student.conv1, UQConv2d)  # first conv and FC stay FP
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert all(m.uW > m.lW and m.uA > m.lA for m in qconvs)
+    loss = kd_loss(student(x), teacher(x), 4.0)
+    loss.backward()
+    torch.optim.Adam(student.parameters(), 1e-3).step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in student.parameters())
+
+
+@pytest.mark.parametrize("script,extra", [("faqd.py", []), ("faqd.py", ["--fa-type", "ffa", "--wbits", "2", "--abits", "8"]),
+                                          ("sqakd.py", []), ("sqakd.py", ["--quantizer", "lsq", "--delta", "0.2"])])
+def test_smoke(script, extra, tiny_data, teachers, tmp_path):
+    r = run_script([script, "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
+                    "--run-name", "r", "--epochs", "2", "--batch-size", "8", "--train-subset", "32", *extra], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["epochs_done"] == 2 and s["calibrated_top1"] is not None and s["final_top1"] is not None
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(v) for k, v in rows[-1].items() if k.startswith("losses/"))
+    assert rows[0]["charts/images_per_s"] > 0 and rows[0]["iteration"] == 4  # 32 images / batch 8
+
+
+@pytest.mark.parametrize("script,bits,msg", [("faqd.py", ["--wbits", "3"], "not supported by FAQD"),
+                                             ("faqd.py", ["--wbits", "4", "--abits", "3"], "--abits 3"),
+                                             ("sqakd.py", ["--wbits", "9"], "out of range")])
+def test_bad_bits(script, bits, msg, tiny_data, teachers):
+    r = run_script([script, "--data-dir", tiny_data, "--teacher", teachers["cifar10"], *bits], cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr
