@@ -1,0 +1,107 @@
+"""run_all.sh (smoke budget on the tiny dataset: every method, skip-finished, failed runs) and the report's maths."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, random_teacher
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import report  # noqa: E402
+
+
+def run_all(*args, cwd=ROOT):
+    env = {**os.environ, "CLEANQD_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(["bash", "run_all.sh", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def teacher_dir(tmp_path, c100_classes=100):
+    d = tmp_path / "teachers"
+    d.mkdir()
+    torch.save(random_teacher(10).state_dict(), d / "cifar10_resnet20_test.pth")
+    torch.save(random_teacher(c100_classes).state_dict(), d / "cifar100_resnet20_test.pth")
+    return str(d)
+
+
+def test_smoke_budget_runs_every_method_and_reports(tiny_data, tmp_path):
+    out, res = tmp_path / "runs", tmp_path / "results"
+    r = run_all("--budget", "smoke", "--bits", "4", "--seeds", "0 1", "--datasets", "cifar10", "--data-dir", tiny_data,
+                "--teacher-dir", teacher_dir(tmp_path), "--out-dir", str(out), "--results-dir", str(res), "--jobs", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    methods = ["gdfq", "ait", "akt", "lrq", "faqd", "sqakd"]
+    for m in methods:
+        for s in (0, 1):
+            assert (out / "smoke" / f"cifar10__{m}__w4a4__seed{s}" / "summary.json").exists(), m
+    table = (res / "RESULTS.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "cifar10" in line]
+    assert sorted(line.split(" | ")[0][2:] for line in rows) == sorted(methods)
+    for line in rows:  # each row: 2 seeds, and its final mean equals the mean of the two summaries
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        m = cells[0]
+        finals = [json.loads((out / "smoke" / f"cifar10__{m}__w4a4__seed{s}" / "summary.json").read_text())["final_top1"]
+                  for s in (0, 1)]
+        assert cells[4] == "2" and cells[7].startswith(f"{sum(finals) / 2:.2f}")
+    # a second call skips every finished run and starts none
+    r2 = run_all("--budget", "smoke", "--bits", "4", "--seeds", "0 1", "--datasets", "cifar10", "--data-dir", tiny_data,
+                 "--teacher-dir", str(tmp_path / "teachers"), "--out-dir", str(out), "--results-dir", str(res))
+    assert r2.returncode == 0 and "0 runs to do, 12 already finished (skipped)" in r2.stdout
+
+
+def test_failed_run_reported_others_continue_and_interrupted_run_resumes(tiny_data, tmp_path):
+    out, res = tmp_path / "runs", tmp_path / "results"
+    tdir = teacher_dir(tmp_path, c100_classes=10)  # the CIFAR-100 "teacher" has 10 classes: those runs must fail
+    args = ["--budget", "smoke", "--methods", "gdfq", "--bits", "4", "--seeds", "0", "--data-dir", tiny_data,
+            "--teacher-dir", tdir, "--out-dir", str(out), "--results-dir", str(res)]
+    r = run_all(*args)
+    assert r.returncode == 1
+    assert "FAILED cifar100__gdfq__w4a4__seed0" in r.stdout and "do not match" in r.stdout
+    assert (out / "smoke" / "cifar10__gdfq__w4a4__seed0" / "summary.json").exists()
+    assert "cifar10" in (res / "RESULTS.md").read_text()
+    # an interrupted run (checkpoint, no summary) is resumed, not restarted
+    d = out / "smoke" / "cifar10__gdfq__w4a4__seed0"
+    (d / "summary.json").unlink()
+    first_rows = (d / "metrics.jsonl").read_text().splitlines()[:1]
+    (d / "metrics.jsonl").write_text(first_rows[0] + "\n")
+    ck = torch.load(d / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 1
+    r = run_all(*args, "--datasets", "cifar10")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resumed" in (out / "smoke" / "cifar10__gdfq__w4a4__seed0.log").read_text()
+
+
+def test_bad_options_exit_2(tmp_path):
+    assert run_all("--budget", "huge").returncode == 2
+    assert run_all("--jobs", "0").returncode == 2
+    r = run_all("--methods", "nosuch", "--dry-run", "--out-dir", str(tmp_path))
+    assert r.returncode == 2 and "unknown method nosuch" in r.stderr
+
+
+def write_summary(root, budget, name, method, final, best, seed):
+    d = root / budget / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({
+        "teacher_top1": 92.6, "calibrated_top1": 80.0, "final_top1": final, "best_top1": best,
+        "args": {"method": method, "dataset": "cifar10", "wbits": 4, "abits": 4, "seed": seed}}))
+
+
+def test_report_mean_std_by_hand(tmp_path):
+    for seed, (final, best) in enumerate([(80.0, 81.0), (82.0, 83.0), (84.0, 88.0)]):
+        write_summary(tmp_path, "short", f"g{seed}", "gdfq", final, best, seed)
+    write_summary(tmp_path, "short", "a0", "ait", 70.5, 71.0, 0)
+    groups = report.collect(str(tmp_path))
+    assert report.mean_std([80.0, 82.0, 84.0]) == (82.0, 2.0)  # sample std: sqrt(((-2)^2 + 0 + 2^2) / 2) = 2
+    text = report.table(groups)
+    gdfq_row = [line for line in text.splitlines() if line.startswith("| gdfq")][0]
+    # best: mean 84, sample std sqrt(((81-84)^2 + (83-84)^2 + (88-84)^2) / 2) = sqrt(13) = 3.61
+    assert "| 3 |" in gdfq_row and "82.00 ± 2.00" in gdfq_row and "84.00 ± 3.61" in gdfq_row
+    assert "90.25 (GDFQ paper)" in gdfq_row
+    ait_row = [line for line in text.splitlines() if line.startswith("| ait")][0]
+    assert "| 1 |" in ait_row and "70.50" in ait_row and "91.23 (AIT paper" in ait_row
+    out = tmp_path / "R.md"
+    report.main(["--runs", str(tmp_path), "--out", str(out), "--plot", str(tmp_path / "p.png")])
+    assert "82.00 ± 2.00" in out.read_text()
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / "p.png").exists() == has_mpl

@@ -1,0 +1,133 @@
+"""Collect every summary.json under --runs into a results table (results/RESULTS.md) and, when matplotlib is
+installed, a plot of top-1 against bit-width.
+
+    python tools/report.py --runs results/runs --out results/RESULTS.md --plot results/accuracy_vs_bits.png
+
+Rows: method (with its variant), dataset, W/A bits, budget; our final and best top-1 as mean ± sample std over
+seeds and the number of seeds; the teacher top-1 we measured; the paper's number beside ours where one exists.
+"""
+import argparse
+import json
+import os
+import statistics
+from collections import defaultdict
+
+# (method label, dataset, bits) -> (published top-1, source). Best-epoch numbers with pytorchcv teachers.
+PAPER = {
+    ("gdfq", "cifar10", 3): (75.11, "GDFQ re-run by AdaDFQ"), ("gdfq", "cifar10", 4): (90.25, "GDFQ paper"),
+    ("gdfq", "cifar10", 5): (93.38, "GDFQ paper"), ("gdfq", "cifar100", 3): (47.61, "GDFQ re-run by AdaDFQ"),
+    ("gdfq", "cifar100", 4): (63.39, "GDFQ paper"), ("gdfq", "cifar100", 5): (66.12, "GDFQ paper"),
+    ("ait", "cifar10", 4): (91.23, "AIT paper (GDFQ+AIT)"), ("ait", "cifar10", 5): (93.41, "AIT paper (GDFQ+AIT)"),
+    ("ait", "cifar100", 4): (65.80, "AIT paper (GDFQ+AIT)"), ("ait", "cifar100", 5): (69.26, "AIT paper (GDFQ+AIT)"),
+    ("akt", "cifar10", 3): (86.76, "AKT paper (AdaDFQ+AKT)"), ("akt", "cifar10", 4): (92.64, "AKT paper (AdaDFQ+AKT)"),
+    ("akt", "cifar10", 5): (93.83, "AKT paper (AdaDFQ+AKT)"), ("akt", "cifar100", 3): (54.68, "AKT paper (AdaDFQ+AKT)"),
+    ("akt", "cifar100", 4): (66.94, "AKT paper (AdaDFQ+AKT)"), ("akt", "cifar100", 5): (69.75, "AKT paper (AdaDFQ+AKT)"),
+    ("akt+gdfq", "cifar10", 3): (72.80, "AKT paper (GDFQ+AKT)"), ("akt+gdfq", "cifar10", 4): (90.33, "AKT paper (GDFQ+AKT)"),
+    ("akt+gdfq", "cifar10", 5): (93.36, "AKT paper (GDFQ+AKT)"), ("akt+gdfq", "cifar100", 3): (49.06, "AKT paper (GDFQ+AKT)"),
+    ("akt+gdfq", "cifar100", 4): (63.37, "AKT paper (GDFQ+AKT)"), ("akt+gdfq", "cifar100", 5): (67.46, "AKT paper (GDFQ+AKT)"),
+}
+NOTES = {"lrq": "our reading of the abstract; no LRQ number exists", "faqd": "published numbers not readable here",
+         "sqakd": "published numbers not readable here"}
+
+
+def label(args):
+    """Method name plus the variant flags that change the algorithm."""
+    m = args["method"]
+    if m == "akt" and args.get("base", "adadfq") != "adadfq":
+        return f"akt+{args['base']}"
+    if m == "ait" and args.get("no_gi"):
+        return "ait-nogi"
+    if m == "sqakd" and args.get("quantizer", "ewgs") != "ewgs":
+        return f"sqakd-{args['quantizer']}"
+    return m
+
+
+def collect(runs_dir):
+    """{(label, dataset, wbits, abits, budget): [summary, ...]} from every summary.json below runs_dir; the budget
+    is the folder directly below runs_dir (run_all.sh writes runs_dir/BUDGET/NAME/summary.json)."""
+    groups = defaultdict(list)
+    for root, _, files in os.walk(runs_dir):
+        if "summary.json" not in files:
+            continue
+        with open(os.path.join(root, "summary.json")) as f:
+            s = json.load(f)
+        if s.get("final_top1") is None:  # teacher-only runs
+            continue
+        a = s["args"]
+        rel = os.path.relpath(root, runs_dir).split(os.sep)
+        budget = rel[0] if len(rel) > 1 else "?"
+        groups[(label(a), a["dataset"], a["wbits"], a["abits"], budget)].append(s)
+    return groups
+
+
+def mean_std(xs):
+    """(mean, sample std) of a list; std is 0.0 for a single value."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt(xs):
+    m, s = mean_std(xs)
+    return f"{m:.2f} ± {s:.2f}" if len(xs) > 1 else f"{m:.2f}"
+
+
+def table(groups):
+    lines = ["| method | dataset | W/A | budget | seeds | teacher top-1 (ours) | calibrated | final top-1 | best top-1 | paper |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: (k[1], k[0], k[2], k[3], k[4])):
+        method, ds, w, a, budget = key
+        runs = groups[key]
+        calib = [r["calibrated_top1"] for r in runs if r.get("calibrated_top1") is not None]
+        paper = PAPER.get((method, ds, w)) if w == a else None
+        paper_txt = f"{paper[0]:.2f} ({paper[1]})" if paper else NOTES.get(method.split("-")[0], "—")
+        lines.append(f"| {method} | {ds} | W{w}A{a} | {budget} | {len(runs)} | {fmt([r['teacher_top1'] for r in runs])} | "
+                     f"{fmt(calib) if calib else '—'} | {fmt([r['final_top1'] for r in runs])} | "
+                     f"{fmt([r['best_top1'] for r in runs])} | {paper_txt} |")
+    return "\n".join(lines)
+
+
+def plot(groups, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)")
+        return False
+    datasets = sorted({k[1] for k in groups})
+    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6 * max(len(datasets), 1), 4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for method in sorted({k[0] for k in groups if k[1] == ds}):
+            pts = sorted((k[2], mean_std([r["final_top1"] for r in v])) for k, v in groups.items()
+                         if k[0] == method and k[1] == ds and k[2] == k[3])
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o",
+                            capsize=3, label=method)
+        ax.set(title=f"{ds}: final top-1 (mean ± std over seeds)", xlabel="bits (W = A)", ylabel="top-1 (%)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", default="results/runs", help="folder searched for summary.json files")
+    p.add_argument("--out", default="results/RESULTS.md", help="markdown table to write")
+    p.add_argument("--plot", default="results/accuracy_vs_bits.png", help="plot to write (needs matplotlib)")
+    a = p.parse_args(argv)
+    groups = collect(a.runs)
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write("# cleanqd results\n\nGenerated by `tools/report.py` from the `summary.json` files under "
+                f"`{a.runs}/` (budget = the folder below it; see README.md for each budget's recipe). Top-1 in %, "
+                "mean ± sample std over seeds; 'final' is the last epoch, 'best' the best epoch (selected on the test "
+                "set, as the papers do); 'calibrated' is the quantized student before any training step. The 'paper' "
+                "column is the published number (pytorchcv teachers, paper recipe), not ours.\n\n")
+        f.write(table(groups) + "\n")
+    wrote = plot(groups, a.plot) if groups else False
+    print(f"report: {sum(len(v) for v in groups.values())} runs in {len(groups)} rows -> {a.out}"
+          + (f", {a.plot}" if wrote else ""))
+
+
+if __name__ == "__main__":
+    main()
