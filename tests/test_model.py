@@ -107,3 +107,28 @@ def test_upsample_conv_equals_interpolate_then_conv(channels_last):
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(ref, (x, m.weight, m.bias), g), torch.autograd.grad(out, (x, m.weight, m.bias), g)):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_download_unzips_checks_hash_and_caches(tmp_path):
+    """The pytorchcv path: a release zip holding NAME.pth whose SHA-1 starts with the prefix (file:// URL, offline)."""
+    import hashlib
+    import io
+    import zipfile
+
+    from common import _download
+    buf = io.BytesIO()
+    torch.save(random_teacher(10).state_dict(), buf)
+    blob = buf.getvalue()
+    sha1 = hashlib.sha1(blob).hexdigest()
+    name = f"resnet20_cifar10-0000-{sha1[:8]}.pth"
+    with zipfile.ZipFile(tmp_path / f"{name}.zip", "w") as z:
+        z.writestr(name, blob)
+    url = (tmp_path / f"{name}.zip").as_uri()
+    path = _download(url, "sha1", sha1[:8], str(tmp_path / "cache"))
+    assert path == str(tmp_path / "cache" / name) and open(path, "rb").read() == blob
+    (tmp_path / f"{name}.zip").unlink()  # cached: no second download
+    assert _download(url, "sha1", sha1[:8], str(tmp_path / "cache")) == path
+    with pytest.raises(UserError, match="expected 00000000"):
+        _download(url.replace(name, "x"), "sha1", "00000000", str(tmp_path / "cache2")) if False else \
+            _download((tmp_path / "w.pth").as_uri() if (tmp_path / "w.pth").write_bytes(blob) else "", "sha256",
+                      "00000000", str(tmp_path / "cache2"))
