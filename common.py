@@ -793,8 +793,9 @@ def set_lr(opt, lr, key="lr"):
 
 
 def check_finite(losses, epoch):
-    """Stop the run (exit 1, one line) if any epoch-mean loss is NaN/Inf; the last checkpoint is kept."""
+    """Stop the run (exit 1, one line) if any epoch-mean loss is NaN/Inf; the last checkpoint is kept. `epoch` is
+    0-based; the message counts from 1, like the console lines."""
     for name, v in losses.items():
         if not np.isfinite(v):
-            die(f"{name} became {v} in epoch {epoch}; run stopped, the checkpoint of the last good epoch is kept",
+            die(f"{name} became {v} in epoch {epoch + 1}; run stopped, the checkpoint of the last good epoch is kept",
                 code=1)

@@ -137,7 +137,8 @@ def dkd_loss(s_logits, t_logits, y, alpha=1.0, beta=8.0, temperature=4.0):
     p_s, p_t = F.softmax(s_logits / T, 1), F.softmax(t_logits / T, 1)
     b_s = torch.stack([p_s[gt], p_s.masked_fill(gt, 0).sum(1)], 1)  # [p(target), p(non-target)]
     b_t = torch.stack([p_t[gt], p_t.masked_fill(gt, 0).sum(1)], 1)
-    tckd = (b_t * (b_t.log() - b_s.clamp(min=1e-12).log())).sum(1).mean() * T * T
+    # kl_div treats 0 * log 0 as 0: a very confident teacher (non-target mass underflowing to 0) stays finite
+    tckd = F.kl_div(b_s.clamp(min=1e-12).log(), b_t, reduction="sum") / len(y) * T * T
     log_q_s = F.log_softmax(s_logits / T - 1000.0 * gt, 1)
     q_t = F.softmax(t_logits / T - 1000.0 * gt, 1)
     nckd = F.kl_div(log_q_s, q_t, reduction="sum") / len(y) * T * T

@@ -65,7 +65,8 @@ def test_resume_reproduces_uninterrupted_run(tiny_data, teachers, tmp_path):
 def test_nan_stops_cleanly_and_keeps_last_checkpoint(tiny_data, teachers, tmp_path):
     r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "nan", "--lr-s", "1e38")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "became nan in epoch 1" in r.stderr or "became inf in epoch 1" in r.stderr, r.stderr
+    # epoch 2 of 3 (the first training epoch; console numbering), after warm-up epoch 1 was checkpointed
+    assert "became nan in epoch 2" in r.stderr or "became inf in epoch 2" in r.stderr, r.stderr
     ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 0 and not (tmp_path / "nan" / "summary.json").exists()
 

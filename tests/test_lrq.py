@@ -64,6 +64,16 @@ def test_dkd_hand_value():
     assert abs(dkd_loss(s, t, y, 0.0, 1.0, T).item() - nckd) < 1e-5
 
 
+def test_dkd_finite_for_a_saturated_teacher():
+    # regression: generated images make the teacher so confident that the non-target mass underflows to 0;
+    # 0 * log 0 must count as 0 (it gave NaN in a real run before the fix)
+    t = torch.tensor([[1000.0, 0.0, 0.0], [0.0, 0.0, 1000.0]])  # exp(-1000/4) = 0 in float32: the old formula gave NaN
+    s = torch.tensor([[1.0, 0.5, 0.0], [0.0, 2.0, 1.0]], requires_grad=True)
+    loss = dkd_loss(s, t, torch.tensor([0, 2]), 1.0, 8.0, 4.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and loss > 0
+
+
 def test_dkd_decomposition_of_kd():
     torch.manual_seed(0)
     s, t, y = torch.randn(6, 10), torch.randn(6, 10) * 2, torch.randint(0, 10, (6,))
