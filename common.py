@@ -96,6 +96,11 @@ def parse_args(p, argv=None, bits=(2, 8)):
         v = getattr(args, name)
         if not (lo <= v <= hi):
             die(f"--{name} {v} is out of range: this quantizer supports {lo} to {hi} bits")
+    for name, least in (("epochs", 0), ("warmup_epochs", 0), ("iters_per_epoch", 1), ("batch_size", 1),
+                        ("eval_every", 1), ("train_subset", 0)):
+        v = getattr(args, name, None)
+        if v is not None and v < least:
+            die(f"--{name.replace('_', '-')} {v} must be at least {least}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device} requested but CUDA is not available; use --device cpu")
     if args.threads:
@@ -781,8 +786,8 @@ def lr_milestones(args):
                                                                           args.epochs - args.warmup_epochs)
     milestones = [start + round(f * span) for f in args.milestones]
     if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
-        print(f"warning: first lr decay at epoch {min(milestones)} is not after the warm-up: the student never "
-              "trains at its base lr (use --milestones-from train for short runs)")
+        print(f"warning: the lr first decays in epoch {min(milestones) + 1}, not after the warm-up: the student "
+              "never trains at its base lr (use --milestones-from train for short runs)")
     return milestones
 
 

@@ -92,6 +92,9 @@ BAD = {
     "data_missing": (["--data-dir", "EMPTY"], "cifar10 not found in"),
     "resume_no_ckpt": (["--resume", "RUNDIR"], "no checkpoint.pt there"),
     "resume_not_run": (["--resume", "EMPTY"], "no args.json there"),
+    "batch_zero": (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    "epochs_negative": (["--epochs", "-1"], "--epochs -1 must be at least 0"),
+    "eval_every_zero": (["--eval-every", "0"], "--eval-every 0 must be at least 1"),
 }
 
 
