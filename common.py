@@ -370,12 +370,17 @@ def eval_normalisation(args, info):
 
 # ----------------------------------------------------------------------------------------------------------
 # Quantizer (ZeroQ's, as used by the GDFQ family): asymmetric min/max fake quantization, identity STE.
+def _scale_zero(lo, hi, k):
+    """ZeroQ's scale s = (2^k-1)/(hi-lo) and integer zero point z = round(s*lo) + 2^(k-1)."""
+    s = (2 ** k - 1) / (hi - lo).clamp(min=1e-8)
+    return s, torch.round(s * lo) + 2 ** (k - 1)
+
+
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lo, hi, k):
         with torch.no_grad():
-            s = (2 ** k - 1) / (hi - lo).clamp(min=1e-8)
-            z = torch.round(s * lo) + 2 ** (k - 1)
+            s, z = _scale_zero(lo, hi, k)
             q = (x * s).sub_(z).round_().clamp_(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
             return q.add_(z).div_(s)
 
@@ -393,9 +398,7 @@ def fake_quant(x, lo, hi, k):
 def weight_codes(w, k):
     """Integer codes of a weight tensor under per-output-channel min/max k-bit quantization (used by AIT)."""
     flat = w.detach().flatten(1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    s = (2 ** k - 1) / (hi - lo).clamp(min=1e-8)
-    z = torch.round(s * lo) + 2 ** (k - 1)
+    s, z = _scale_zero(flat.amin(1, keepdim=True), flat.amax(1, keepdim=True), k)
     return (flat * s - z).round().clamp(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
 
 
