@@ -117,9 +117,8 @@ class BNStatsLoss:
 
 
 # ALGO LOGIC (our reading): adversarial margin add on the class-centre angle
-def margin_logits(feat, fc, y, margin):
-    """Teacher logits with the target logit replaced by ||W_y|| ||f|| cos(theta_y + m) + b_y (others unchanged)."""
-    logits = fc(feat)
+def margin_logits(logits, feat, fc, y, margin):
+    """The teacher's logits = fc(feat) with the target logit replaced by ||W_y|| ||f|| cos(theta_y + m) + b_y."""
     if margin == 0:
         return logits
     w_y = fc.weight[y]  # [B, D]: the class centres
@@ -183,7 +182,7 @@ if __name__ == "__main__":
             bns_loss.active = True
             t_logits, t_feats = teacher.forward_features(x)
             bns_loss.active = False
-            ce_g = F.cross_entropy(margin_logits(t_feats["pool"], teacher.fc, y, args.ama_margin), y)
+            ce_g = F.cross_entropy(margin_logits(t_logits, t_feats["pool"], teacher.fc, y, args.ama_margin), y)
             bns = bns_loss()
             loss_g = ce_g + args.bns_weight * bns
             opt_g.zero_grad(set_to_none=True)

@@ -34,15 +34,15 @@ def test_margin_logits_hand_value():
     feat = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
     y = torch.tensor([0, 1])
     plain = fc(feat)
-    assert torch.equal(margin_logits(feat, fc, y, 0.0), plain)
-    out = margin_logits(feat, fc, y, math.pi / 4)
+    assert torch.equal(margin_logits(fc(feat), feat, fc, y, 0.0), plain)
+    out = margin_logits(fc(feat), feat, fc, y, math.pi / 4)
     # sample 0: ||W_0||·||f|| = sqrt(2), theta = pi/4, cos(pi/2) = 0 -> target = b_0 = 0.5
     assert abs(out[0, 0].item() - 0.5) < 1e-5
     # sample 1: ||W_1|| = 2, ||f|| = 5, cos theta = 8/10 -> 10·cos(acos(0.8) + pi/4) - 0.2
     assert abs(out[1, 1].item() - (10 * math.cos(math.acos(0.8) + math.pi / 4) - 0.2)) < 1e-4
     mask = F.one_hot(y, 3).bool()
     assert torch.equal(out[~mask], plain[~mask])  # other logits unchanged
-    small = margin_logits(feat, fc, y, 0.3)
+    small = margin_logits(fc(feat), feat, fc, y, 0.3)
     assert (small[mask] < plain[mask]).all()  # cos(theta + m) < cos(theta) for theta + m < pi
 
 
@@ -85,12 +85,31 @@ def test_dkd_decomposition_of_kd():
         assert abs(dkd_loss(si, ti, yi, 1.0, w, T).item() - kd.item()) < 1e-4
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-lka", "--ama-margin", "0", "--kd", "kl"]])
-def test_smoke(extra, tiny_data, teachers, tmp_path):
-    r = run_script(["lrq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
-                    "--run-name", "r", "--epochs", "2", "--warmup-epochs", "1", "--iters-per-epoch", "2",
-                    "--batch-size", "8", "--milestones-from", "train", *extra], cwd=ROOT)
+SMOKE = ["--epochs", "2", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8",
+         "--milestones-from", "train", "--threads", "1"]
+
+
+def _run(script, name, tiny_data, teachers, tmp_path, extra=()):
+    r = run_script([script, "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
+                    "--run-name", name, *SMOKE, *extra], cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    s = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert s["epochs_done"] == 2 and s["final_top1"] is not None
-    assert s["args"]["kd"] == ("kl" if extra else "dkd")
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((tmp_path / name / "summary.json").read_text()), rows
+
+
+def test_smoke(tiny_data, teachers, tmp_path):
+    s, _ = _run("lrq.py", "r", tiny_data, teachers, tmp_path)
+    assert s["epochs_done"] == 2 and s["final_top1"] is not None and s["args"]["kd"] == "dkd"
+
+
+def test_all_components_off_is_gdfq(tiny_data, teachers, tmp_path):
+    """The ablation's baseline: with LKA, AMA and DKD off, lrq.py is GDFQ step for step. Equal to float rounding,
+    not bitwise: lrq keeps the teacher's features alive, which moves oneDNN's buffers and so its summation order."""
+    _, off = _run("lrq.py", "off", tiny_data, teachers, tmp_path, ["--no-lka", "--ama-margin", "0", "--kd", "kl"])
+    _, ref = _run("gdfq.py", "gdfq", tiny_data, teachers, tmp_path)
+    assert len(off) == len(ref) == 2
+    for a, b in zip(off, ref):
+        for k in b:
+            if k.startswith(("losses/", "eval/")):
+                assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-3), k
+

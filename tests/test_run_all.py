@@ -105,3 +105,11 @@ def test_report_mean_std_by_hand(tmp_path):
     assert "82.00 ± 2.00" in out.read_text()
     has_mpl = importlib.util.find_spec("matplotlib") is not None
     assert (tmp_path / "p.png").exists() == has_mpl
+
+
+def test_report_labels_lrq_ablation_variants_apart():
+    lrq = lambda **kw: report.label({"method": "lrq", "no_lka": False, "ama_margin": 0.1, "kd": "dkd", **kw})
+    assert lrq() == "lrq"
+    assert lrq(no_lka=True, kd="kl") == "lrq:ama0.1" and lrq(no_lka=True, ama_margin=0.3, kd="kl") == "lrq:ama0.3"
+    assert lrq(ama_margin=0.0, kd="kl") == "lrq:lka" and lrq(no_lka=True, ama_margin=0.0) == "lrq:dkd"
+    assert lrq(no_lka=True, ama_margin=0.0, kd="kl") == "lrq:none"

@@ -37,6 +37,11 @@ def label(args):
         return f"akt+{args['base']}"
     if m == "ait" and args.get("no_gi"):
         return "ait-nogi"
+    if m == "lrq":  # the ablation's variants: the components that are on (all three: "lrq")
+        on = [c for c, ok in (("lka", not args.get("no_lka")), (f"ama{args.get('ama_margin', 0):g}",
+                                                                 args.get("ama_margin", 0) > 0),
+                              ("dkd", args.get("kd", "dkd") == "dkd")) if ok]
+        return "lrq" if len(on) == 3 else "lrq:" + ("+".join(on) or "none")
     if m == "sqakd" and args.get("quantizer", "ewgs") != "ewgs":
         return f"sqakd-{args['quantizer']}"
     return m
