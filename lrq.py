@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, lr_milestones, parse_args,
-                    quantize_model, set_calibrating, set_lr, setup)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, die, lr_milestones,
+                    parse_args, quantize_model, set_calibrating, set_lr, setup)
 
 
 def parse(argv=None):
@@ -38,15 +38,22 @@ def parse(argv=None):
     p.add_argument("--bns-weight", type=float, default=0.1, help="weight of the BNS loss in the generator loss")
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
     p.add_argument("--no-lka", action="store_true", help="GDFQ's generator without the large-kernel attention blocks")
-    p.add_argument("--ama-margin", type=float, default=0.1,
+    p.add_argument("--ama-margin", type=float, default=0.3,  # from a sweep 0/0.1/0.3 (README.md#lrq)
                    help="additive angular margin (radians) on the teacher's target logit in the generator CE; 0: off")
     p.add_argument("--kd", default="dkd", choices=["dkd", "kl"],
                    help="student loss: decoupled KD, or GDFQ's KL('mean', --temperature) + CE")
     p.add_argument("--dkd-alpha", type=float, default=1.0, help="DKD: weight of the target-class term (TCKD)")
     p.add_argument("--dkd-beta", type=float, default=8.0, help="DKD: weight of the non-target-class term (NCKD)")
     p.add_argument("--kd-temperature", type=float, default=4.0, help="DKD temperature")
+    p.add_argument("--dkd-warmup", type=int, default=20,
+                   help="DKD's linear ramp: the DKD loss is x min(e / N, 1) in the e-th student epoch (DKD's CIFAR "
+                        "value 20); 0: no ramp")
     p.add_argument("--temperature", type=float, default=20.0, help="KL temperature for --kd kl (GDFQ)")
-    return parse_args(p, argv)
+    args = parse_args(p, argv)
+    args.dkd_warmup = getattr(args, "dkd_warmup", 0)  # a run saved before the ramp existed resumes without it
+    if args.dkd_warmup < 0:
+        die(f"--dkd-warmup {args.dkd_warmup} must be at least 0")
+    return args
 
 
 # ALGO LOGIC (our reading): large-kernel attention (VAN's spatial attention with shortcut)
@@ -172,6 +179,9 @@ if __name__ == "__main__":
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
+        # DKD's reference ramps its loss in over the first --dkd-warmup student epochs (without it: NaN, see README)
+        ramp = min((epoch + 1 - args.warmup_epochs) / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
+        ramp = ramp if args.kd == "dkd" else 1.0
         sums = torch.zeros(4, device=device)
         for it in range(args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
@@ -199,13 +209,13 @@ if __name__ == "__main__":
                     loss_s = kd_loss(s_logits, t_logits, args.temperature) + F.cross_entropy(s_logits, y)
             if not warmup:
                 opt_s.zero_grad(set_to_none=True)
-                loss_s.backward()
+                (ramp * loss_s).backward()  # loss_S is logged without the ramp
                 opt_s.step()
             sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
 
         n = args.iters_per_epoch
         losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"], (sums / n).tolist()))
-        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
+        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor, "dkd_ramp": ramp},
                            n * args.batch_size, time.time() - t_epoch, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)
 

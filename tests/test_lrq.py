@@ -113,3 +113,16 @@ def test_all_components_off_is_gdfq(tiny_data, teachers, tmp_path):
             if k.startswith(("losses/", "eval/")):
                 assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-3), k
 
+
+
+def test_dkd_ramp_scales_the_student_gradient(tiny_data, teachers, tmp_path):
+    """In the 1st of N ramp epochs DKD's gradient is x 1/N: with SGD and no weight decay that is the same run as
+    no ramp at 1/N of the lr (x 0.5 is exact in floating point)."""
+    dkd = ["--no-lka", "--ama-margin", "0", "--kd", "dkd", "--weight-decay", "0"]
+    _, ramped = _run("lrq.py", "ramp", tiny_data, teachers, tmp_path, dkd + ["--dkd-warmup", "2"])
+    _, half_lr = _run("lrq.py", "half", tiny_data, teachers, tmp_path, dkd + ["--dkd-warmup", "0", "--lr-s", "5e-5"])
+    _, plain = _run("lrq.py", "plain", tiny_data, teachers, tmp_path, dkd + ["--dkd-warmup", "0"])
+    assert [r["charts/dkd_ramp"] for r in ramped][1] == 0.5 and plain[1]["charts/dkd_ramp"] == 1.0
+    assert ramped[1]["losses/loss_S"] == pytest.approx(half_lr[1]["losses/loss_S"], rel=1e-5)
+    # the tiny student's last-epoch loss does depend on the step size (else this test could not fail)
+    assert ramped[1]["losses/loss_S"] != pytest.approx(plain[1]["losses/loss_S"], rel=1e-5)
