@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, run_script
-from lrq import LKABlock, Generator, dkd_loss, margin_logits
+from lrq import DilatedDepthwiseConv, Generator, LKABlock, dkd_loss, margin_logits
 
 
 def test_lka_block_shapes_and_gating():
@@ -24,6 +24,20 @@ def test_lka_block_shapes_and_gating():
     g = Generator(10)
     assert g(torch.randn(4, 100), torch.randint(0, 10, (4,))).shape == (4, 3, 32, 32)
     assert sum(p.numel() for p in g.parameters()) > sum(p.numel() for p in Generator(10, lka=False).parameters())
+
+
+@pytest.mark.parametrize("hw", [32, 16, 7])
+def test_dilated_depthwise_conv_equals_dilated_conv(hw):
+    """The sub-grid folding computes the same dilated depthwise conv: outputs and gradients (x, weight, bias)."""
+    torch.manual_seed(hw)
+    m = DilatedDepthwiseConv(6, 7, 3)
+    x = torch.randn(3, 6, hw, hw, requires_grad=True)
+    y = m(x)
+    ref = F.conv2d(x, m.weight, m.bias, padding=9, dilation=3, groups=6)
+    assert y.shape == ref.shape == x.shape and torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, m.weight, m.bias), g), torch.autograd.grad(ref, (x, m.weight, m.bias), g)):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_margin_logits_hand_value():
