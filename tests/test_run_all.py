@@ -97,7 +97,7 @@ def test_report_mean_std_by_hand(tmp_path):
     gdfq_row = [line for line in text.splitlines() if line.startswith("| gdfq")][0]
     # best: mean 84, sample std sqrt(((81-84)^2 + (83-84)^2 + (88-84)^2) / 2) = sqrt(13) = 3.61
     assert "| 3 |" in gdfq_row and "82.00 ± 2.00" in gdfq_row and "84.00 ± 3.61" in gdfq_row
-    assert "90.25 (GDFQ paper)" in gdfq_row
+    assert "90.25 (GDFQ paper)" in gdfq_row and "| 92.60 |" in gdfq_row  # one teacher: its value, no "± 0.00"
     ait_row = [line for line in text.splitlines() if line.startswith("| ait")][0]
     assert "| 1 |" in ait_row and "70.50" in ait_row and "91.23 (AIT paper" in ait_row
     out = tmp_path / "R.md"

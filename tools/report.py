@@ -83,8 +83,10 @@ def table(groups):
         runs = groups[key]
         calib = [r["calibrated_top1"] for r in runs if r.get("calibrated_top1") is not None]
         paper = PAPER.get((method, ds, w)) if w == a else None
-        paper_txt = f"{paper[0]:.2f} ({paper[1]})" if paper else NOTES.get(method.split("-")[0], "—")
-        lines.append(f"| {method} | {ds} | W{w}A{a} | {budget} | {len(runs)} | {fmt([r['teacher_top1'] for r in runs])} | "
+        paper_txt = f"{paper[0]:.2f} ({paper[1]})" if paper else NOTES.get(method.split("-")[0].split(":")[0], "—")
+        teacher = sorted({r["teacher_top1"] for r in runs})  # one teacher per row: its value, not a mean ± 0
+        teacher_txt = f"{teacher[0]:.2f}" if len(teacher) == 1 else fmt([r["teacher_top1"] for r in runs])
+        lines.append(f"| {method} | {ds} | W{w}A{a} | {budget} | {len(runs)} | {teacher_txt} | "
                      f"{fmt(calib) if calib else '—'} | {fmt([r['final_top1'] for r in runs])} | "
                      f"{fmt([r['best_top1'] for r in runs])} | {paper_txt} |")
     return "\n".join(lines)
