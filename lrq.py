@@ -199,8 +199,9 @@ if __name__ == "__main__":
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
-        # DKD's reference ramps its loss in over the first --dkd-warmup student epochs (without it: NaN, see README)
-        ramp = min((epoch + 1 - args.warmup_epochs) / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
+        # DKD's reference ramps its loss in over the first --dkd-warmup student epochs (without it: NaN, see README);
+        # 0 during the warm-up, when the student takes no step
+        ramp = min(max(epoch + 1 - args.warmup_epochs, 0) / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
         ramp = ramp if args.kd == "dkd" else 1.0
         sums = torch.zeros(4, device=device)
         for it in range(args.iters_per_epoch):
@@ -235,8 +236,8 @@ if __name__ == "__main__":
 
         n = args.iters_per_epoch
         losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"], (sums / n).tolist()))
-        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor, "dkd_ramp": ramp},
-                           n * args.batch_size, time.time() - t_epoch, warmup,
+        charts = {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor, "dkd_ramp": ramp}
+        progress.end_epoch(epoch, student, losses, charts, n * args.batch_size, time.time() - t_epoch, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)
 
     progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
