@@ -38,9 +38,9 @@ def label(args):
     if m == "ait" and args.get("no_gi"):
         return "ait-nogi"
     if m == "lrq":  # the ablation's variants: the components that are on (all three: "lrq")
-        on = [c for c, ok in (("lka", not args.get("no_lka")), (f"ama{args.get('ama_margin', 0):g}",
-                                                                 args.get("ama_margin", 0) > 0),
-                              ("dkd", args.get("kd", "dkd") == "dkd")) if ok]
+        margin = args.get("ama_margin", 0)
+        on = (["lka"] if not args.get("no_lka") else []) + ([f"ama{margin:g}"] if margin > 0 else []) \
+            + (["dkd"] if args.get("kd", "dkd") == "dkd" else [])
         return "lrq" if len(on) == 3 else "lrq:" + ("+".join(on) or "none")
     if m == "sqakd" and args.get("quantizer", "ewgs") != "ewgs":
         return f"sqakd-{args['quantizer']}"
