@@ -79,12 +79,12 @@ def test_bad_options_exit_2(tmp_path):
     assert r.returncode == 2 and "unknown method nosuch" in r.stderr
 
 
-def write_summary(root, budget, name, method, final, best, seed):
+def write_summary(root, budget, name, method, final, best, seed, bits=4, **args):
     d = root / budget / name
     d.mkdir(parents=True)
     (d / "summary.json").write_text(json.dumps({
         "teacher_top1": 92.6, "calibrated_top1": 80.0, "final_top1": final, "best_top1": best,
-        "args": {"method": method, "dataset": "cifar10", "wbits": 4, "abits": 4, "seed": seed}}))
+        "args": {"method": method, "dataset": "cifar10", "wbits": bits, "abits": bits, "seed": seed, **args}}))
 
 
 def test_report_mean_std_by_hand(tmp_path):
@@ -105,6 +105,21 @@ def test_report_mean_std_by_hand(tmp_path):
     assert "82.00 ± 2.00" in out.read_text()
     has_mpl = importlib.util.find_spec("matplotlib") is not None
     assert (tmp_path / "p.png").exists() == has_mpl
+
+
+def test_plot_series_keeps_budgets_apart_and_leaves_ablations_out(tmp_path):
+    write_summary(tmp_path, "short", "g4s0", "gdfq", 80.0, 81.0, 0)
+    write_summary(tmp_path, "short", "g4s1", "gdfq", 84.0, 85.0, 1)
+    write_summary(tmp_path, "short", "g3s0", "gdfq", 40.0, 41.0, 0, bits=3)
+    write_summary(tmp_path, "paper", "g4p", "gdfq", 90.0, 90.5, 0)
+    write_summary(tmp_path, "short", "lrq_abl", "lrq", 70.0, 71.0, 0, no_lka=True, ama_margin=0.0, kd="kl")
+    s = report.series(report.collect(str(tmp_path)))
+    # 2 seeds at W4: mean 82, sample std sqrt((2^2 + 2^2) / 1) = 2.83; bits sorted; the paper run is its own panel
+    assert list(s) == [("cifar10", "paper"), ("cifar10", "short")]
+    assert s[("cifar10", "paper")] == {"gdfq": [(4, 90.0, 0.0)]}
+    assert list(s[("cifar10", "short")]) == ["gdfq"]  # lrq:none is an ablation: table only
+    (b3, m3, s3), (b4, m4, s4) = s[("cifar10", "short")]["gdfq"]
+    assert (b3, m3, s3) == (3, 40.0, 0.0) and (b4, m4) == (4, 82.0) and abs(s4 - 8 ** 0.5) < 1e-12
 
 
 def test_report_labels_lrq_ablation_variants_apart():

@@ -29,6 +29,8 @@ PAPER = {
 NOTES = {"lrq": "our reading of the abstract; no LRQ number exists", "faqd": "published numbers not readable here",
          "sqakd": "published numbers not readable here"}
 
+REAL_DATA = {"faqd", "sqakd"}
+
 
 def label(args):
     """Method name plus the variant flags that change the algorithm."""
@@ -92,6 +94,16 @@ def table(groups):
     return "\n".join(lines)
 
 
+def series(groups):
+    """What the plot draws: {(dataset, budget): {method: [(bits, mean, std), ...] sorted by bits}} of final top-1,
+    W = A only. Budgets never share a line; the LRQ ablation variants (`lrq:...`) stay in the table only."""
+    out = defaultdict(lambda: defaultdict(list))
+    for (method, ds, w, a, budget), runs in groups.items():
+        if w == a and ":" not in method:
+            out[(ds, budget)][method].append((w, *mean_std([r["final_top1"] for r in runs])))
+    return {k: {m: sorted(pts) for m, pts in v.items()} for k, v in sorted(out.items())}
+
+
 def plot(groups, path):
     try:
         import matplotlib
@@ -100,19 +112,25 @@ def plot(groups, path):
     except ImportError:
         print("matplotlib is not installed: no plot written (pip install matplotlib)")
         return False
-    datasets = sorted({k[1] for k in groups})
-    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6 * max(len(datasets), 1), 4), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
-        for method in sorted({k[0] for k in groups if k[1] == ds}):
-            pts = sorted((k[2], mean_std([r["final_top1"] for r in v])) for k, v in groups.items()
-                         if k[0] == method and k[1] == ds and k[2] == k[3])
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker="o",
-                            capsize=3, label=method)
-        ax.set(title=f"{ds}: final top-1 (mean ± std over seeds)", xlabel="bits (W = A)", ylabel="top-1 (%)")
-        ax.legend()
+    panels = series(groups)
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, ((ds, budget), lines) in zip(axes[0], panels.items()):
+        for method, pts in sorted(lines.items()):
+            real = method.split("-")[0] in REAL_DATA  # label-free methods train on real images: dashed
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        linestyle="--" if real else "-", label=method + (" (real images)" if real else ""))
+        teacher = sorted({r["teacher_top1"] for k, v in groups.items() if k[1] == ds and k[4] == budget for r in v})
+        if len(teacher) == 1:
+            ax.axhline(teacher[0], color="grey", linestyle="--", linewidth=1, label=f"FP teacher {teacher[0]:.2f}")
+        ax.set_xticks(sorted({p[0] for pts in lines.values() for p in pts}))
+        ax.set(title=f"{ds}, {budget} budget: final top-1 (mean ± std over seeds)", xlabel="bits (W = A)",
+               ylabel="top-1 (%)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 
@@ -131,7 +149,7 @@ def main(argv=None):
                 "set, as the papers do); 'calibrated' is the quantized student before any training step. The 'paper' "
                 "column is the published number (pytorchcv teachers, paper recipe), not ours.\n\n")
         f.write(table(groups) + "\n")
-    wrote = plot(groups, a.plot) if groups else False
+    wrote = plot(groups, a.plot)
     print(f"report: {sum(len(v) for v in groups.values())} runs in {len(groups)} rows -> {a.out}"
           + (f", {a.plot}" if wrote else ""))
 
