@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, random_teacher
@@ -128,3 +129,22 @@ def test_report_labels_lrq_ablation_variants_apart():
     assert lrq(no_lka=True, kd="kl") == "lrq:ama0.1" and lrq(no_lka=True, ama_margin=0.3, kd="kl") == "lrq:ama0.3"
     assert lrq(ama_margin=0.0, kd="kl") == "lrq:lka" and lrq(no_lka=True, ama_margin=0.0) == "lrq:dkd"
     assert lrq(no_lka=True, ama_margin=0.0, kd="kl") == "lrq:none"
+
+
+def test_report_refreshes_the_readme_table_between_its_markers(tmp_path):
+    runs = tmp_path / "runs"
+    write_summary(runs, "short", "g0", "gdfq", 80.0, 81.0, 0)
+    write_summary(runs, "short", "abl", "lrq", 70.0, 71.0, 0, no_lka=True, ama_margin=0.0, kd="kl")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{report.BEGIN}\n| old | table |\n{report.END}\n\ntail text\n")
+    report.main(["--runs", str(runs), "--out", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png"),
+                 "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith(f"# intro\n\n{report.BEGIN}\n| method |") and text.endswith(f"{report.END}\n\ntail text\n")
+    assert "| old | table |" not in text and "| gdfq | cifar10 | W4A4 | short | 1 |" in text
+    assert "lrq:none" not in text and "lrq:none" in (tmp_path / "R.md").read_text()  # ablations: RESULTS.md only
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit) as e:
+        report.main(["--runs", str(runs), "--out", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png"),
+                     "--readme", str(readme)])
+    assert "needs one" in str(e.value) and readme.read_text() == "no markers\n"

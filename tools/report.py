@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from collections import defaultdict
 
 # (method label, dataset, bits) -> (published top-1, source). Best-epoch numbers with pytorchcv teachers.
@@ -77,11 +78,13 @@ def fmt(xs):
     return f"{m:.2f} ± {s:.2f}" if len(xs) > 1 else f"{m:.2f}"
 
 
-def table(groups):
+def table(groups, ablations=True):
     lines = ["| method | dataset | W/A | budget | seeds | teacher top-1 (ours) | calibrated | final top-1 | best top-1 | paper |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=lambda k: (k[1], k[0], k[2], k[3], k[4])):
         method, ds, w, a, budget = key
+        if ":" in method and not ablations:
+            continue
         runs = groups[key]
         calib = [r["calibrated_top1"] for r in runs if r.get("calibrated_top1") is not None]
         paper = PAPER.get((method, ds, w)) if w == a else None
@@ -134,11 +137,27 @@ def plot(groups, path):
     return True
 
 
+BEGIN, END = "<!-- grid table: copied from results/RESULTS.md -->", "<!-- end grid table -->"
+
+
+def update_readme(path, groups):
+    """Replace the table between the BEGIN and END markers of a README with the current one (ablation variants
+    left out: they have their own section). Returns an error message, or None."""
+    text = open(path).read()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        return f"{path}: needs one '{BEGIN}' line and one '{END}' line after it"
+    head, rest = text.split(BEGIN)
+    with open(path, "w") as f:
+        f.write(head + BEGIN + "\n" + table(groups, ablations=False) + "\n" + END + rest.split(END, 1)[1])
+    return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="results/runs", help="folder searched for summary.json files")
     p.add_argument("--out", default="results/RESULTS.md", help="markdown table to write")
     p.add_argument("--plot", default="results/accuracy_vs_bits.png", help="plot to write (needs matplotlib)")
+    p.add_argument("--readme", help="also refresh the table between the grid table markers of this README (ablation rows left out)")
     a = p.parse_args(argv)
     groups = collect(a.runs)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
@@ -152,6 +171,11 @@ def main(argv=None):
     wrote = plot(groups, a.plot)
     print(f"report: {sum(len(v) for v in groups.values())} runs in {len(groups)} rows -> {a.out}"
           + (f", {a.plot}" if wrote else ""))
+    if a.readme:
+        err = update_readme(a.readme, groups)
+        if err:
+            sys.exit(f"report: {err}")  # exit code 1; the table and plot above are written
+        print(f"report: table refreshed in {a.readme}")
 
 
 if __name__ == "__main__":
