@@ -131,7 +131,7 @@ def test_report_labels_lrq_ablation_variants_apart():
     assert lrq(no_lka=True, ama_margin=0.0, kd="kl") == "lrq:none"
 
 
-def test_report_refreshes_the_readme_table_between_its_markers(tmp_path):
+def test_report_refreshes_the_readme_table_between_its_markers(tmp_path, capsys):
     runs = tmp_path / "runs"
     write_summary(runs, "short", "g0", "gdfq", 80.0, 81.0, 0)
     write_summary(runs, "short", "abl", "lrq", 70.0, 71.0, 0, no_lka=True, ama_margin=0.0, kd="kl")
@@ -147,4 +147,4 @@ def test_report_refreshes_the_readme_table_between_its_markers(tmp_path):
     with pytest.raises(SystemExit) as e:
         report.main(["--runs", str(runs), "--out", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png"),
                      "--readme", str(readme)])
-    assert "needs one" in str(e.value) and readme.read_text() == "no markers\n"
+    assert e.value.code == 2 and "needs one" in capsys.readouterr().err and readme.read_text() == "no markers\n"

@@ -173,8 +173,9 @@ def main(argv=None):
           + (f", {a.plot}" if wrote else ""))
     if a.readme:
         err = update_readme(a.readme, groups)
-        if err:
-            sys.exit(f"report: {err}")  # exit code 1; the table and plot above are written
+        if err:  # bad input: one line, exit code 2 (the table and plot above are written)
+            print(f"report: {err}", file=sys.stderr)
+            sys.exit(2)
         print(f"report: table refreshed in {a.readme}")
 
 
