@@ -123,6 +123,13 @@ def test_plot_series_keeps_budgets_apart_and_leaves_ablations_out(tmp_path):
     assert (b3, m3, s3) == (3, 40.0, 0.0) and (b4, m4) == (4, 82.0) and abs(s4 - 8 ** 0.5) < 1e-12
 
 
+def test_plot_colours_a_method_the_same_in_every_panel():
+    # cifar10 has ait, gdfq, sqakd; cifar100 only gdfq and sqakd: per-panel colour cycling would recolour them
+    panels = {("cifar10", "short"): {"ait": [], "gdfq": [], "sqakd": []},
+              ("cifar100", "short"): {"gdfq": [], "sqakd": []}}
+    assert report.method_colors(panels) == {"ait": "C0", "gdfq": "C1", "sqakd": "C2"}
+
+
 def test_report_labels_lrq_ablation_variants_apart():
     lrq = lambda **kw: report.label({"method": "lrq", "no_lka": False, "ama_margin": 0.1, "kd": "dkd", **kw})
     assert lrq() == "lrq"

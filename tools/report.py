@@ -107,6 +107,12 @@ def series(groups):
     return {k: {m: sorted(pts) for m, pts in v.items()} for k, v in sorted(out.items())}
 
 
+def method_colors(panels):
+    """One matplotlib colour per method, the same in every panel (per-panel cycling would recolour a method)."""
+    methods = sorted({m for lines in panels.values() for m in lines})
+    return {m: f"C{i % 10}" for i, m in enumerate(methods)}
+
+
 def plot(groups, path):
     try:
         import matplotlib
@@ -119,11 +125,13 @@ def plot(groups, path):
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    color = method_colors(panels)
     for ax, ((ds, budget), lines) in zip(axes[0], panels.items()):
         for method, pts in sorted(lines.items()):
             real = method.split("-")[0] in REAL_DATA  # label-free methods train on real images: dashed
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        linestyle="--" if real else "-", label=method + (" (real images)" if real else ""))
+                        color=color[method], linestyle="--" if real else "-",
+                        label=method + (" (real images)" if real else ""))
         teacher = sorted({r["teacher_top1"] for k, v in groups.items() if k[1] == ds and k[4] == budget for r in v})
         if len(teacher) == 1:
             ax.axhline(teacher[0], color="grey", linestyle="--", linewidth=1, label=f"FP teacher {teacher[0]:.2f}")
