@@ -88,7 +88,7 @@ def parse_args(p, argv=None, bits=(2, 8)):
         with open(path) as f:
             saved = json.load(f)
         keep = {"resume": args.resume, "device": args.device, "threads": args.threads, "stop_after": args.stop_after}
-        args = argparse.Namespace(**{**saved, **keep})
+        args = argparse.Namespace(**{**vars(args), **saved, **keep})  # a flag added since the run began: default
     if args.abits is None:
         args.abits = args.wbits
     lo, hi = bits

@@ -38,6 +38,8 @@ def parse(argv=None):
     p.add_argument("--kl-reduction", default="mean", choices=["mean", "batchmean"],
                    help="KLDivLoss reduction: 'mean' (reference: averages over B*C) or 'batchmean' (true KL)")
     p.add_argument("--bns-weight", type=float, default=0.1, help="weight of the BNS loss in the generator loss")
+    p.add_argument("--ce-weight", type=float, default=1.0,
+                   help="weight of the student's CE on the generator's labels (paper: 1; 0 = KD only, an ablation)")
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
     return parse_args(p, argv)
 
@@ -91,6 +93,11 @@ def kd_loss(s_logits, t_logits, temperature, reduction="mean"):
     return (kl.mean() if reduction == "mean" else kl.sum() / len(kl)) * T * T  # 'mean': over B*C elements
 
 
+def student_loss(s_logits, t_logits, y, temperature, reduction="mean", ce_weight=1.0):
+    """KD(T) + ce_weight * CE(student, generator label y); the paper uses ce_weight = 1."""
+    return kd_loss(s_logits, t_logits, temperature, reduction) + ce_weight * F.cross_entropy(s_logits, y)
+
+
 if __name__ == "__main__":
     args = parse()
     teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
@@ -135,8 +142,7 @@ if __name__ == "__main__":
             t_logits = t_logits.detach()
             with torch.set_grad_enabled(not warmup):
                 s_logits = student(x.detach())
-                loss_s = kd_loss(s_logits, t_logits, args.temperature, args.kl_reduction) + F.cross_entropy(
-                    s_logits, y)
+                loss_s = student_loss(s_logits, t_logits, y, args.temperature, args.kl_reduction, args.ce_weight)
             if not warmup:
                 opt_s.zero_grad(set_to_none=True)
                 loss_s.backward()

@@ -49,6 +49,10 @@ def test_resume_reproduces_uninterrupted_run(tiny_data, teachers, tmp_path):
     assert gdfq(tiny_data, teachers, tmp_path, "--run-name", "full").returncode == 0
     r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "cut", "--stop-after", "2")
     assert r.returncode == 0 and "--resume" in r.stdout and not (tmp_path / "cut" / "summary.json").exists()
+    # a run started before a flag existed resumes with that flag's default (here --ce-weight 1)
+    saved = json.loads((tmp_path / "cut" / "args.json").read_text())
+    del saved["ce_weight"]
+    (tmp_path / "cut" / "args.json").write_text(json.dumps(saved))
     r = run_script(["gdfq.py", "--resume", str(tmp_path / "cut")], cwd=ROOT)
     assert r.returncode == 0, r.stderr
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")

@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn as nn
 
-from gdfq import BNStatsLoss, Generator, kd_loss
+from gdfq import BNStatsLoss, Generator, kd_loss, student_loss
 
 
 def test_bns_loss_hand_value():
@@ -63,6 +63,18 @@ def test_kd_loss_hand_value():
     assert abs(kd_loss(s, t, T).item() - total / 6 * T * T) < 1e-5
     assert abs(kd_loss(s, t, T, "batchmean").item() - total / 2 * T * T) < 1e-5
     assert kd_loss(t, t, T).abs().item() < 1e-7
+
+
+def test_student_loss_is_kd_plus_weighted_ce():
+    s = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]])
+    t = torch.tensor([[3.0, 2.0, 1.0], [1.0, 0.0, 0.0]])
+    y = torch.tensor([0, 2])
+    # CE by hand: mean over the batch of log(sum exp) - logit of the label
+    ce = sum(math.log(sum(math.exp(v) for v in row)) - row[k] for row, k in zip(s.tolist(), y.tolist())) / 2
+    kd = kd_loss(s, t, 20.0).item()
+    assert abs(student_loss(s, t, y, 20.0).item() - (kd + ce)) < 1e-5  # the paper: weight 1
+    assert abs(student_loss(s, t, y, 20.0, ce_weight=0.5).item() - (kd + 0.5 * ce)) < 1e-5
+    assert abs(student_loss(s, t, y, 20.0, ce_weight=0.0).item() - kd) < 1e-7  # --ce-weight 0: KD only
 
 
 def test_generator_shapes_and_output_standardised():
