@@ -42,8 +42,13 @@ def parse(argv=None):
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
     p.add_argument("--passing-threshold", type=float, default=1e-3,
                    help="GI: minimum fraction of a tensor's integer codes that must change per step (x0.1 at milestones)")
-    p.add_argument("--alpha-cap", type=float, default=1024.0,
-                   help="GI: largest step multiplier (the reference caps at ~128 in the first epoch only)")
+    p.add_argument("--alpha-cap", type=float, default=1e9,
+                   help="GI: doubling stops once alpha passes this (after the first student epoch the reference has no "
+                        "bound; this one binds only on a vanishing gradient, and each hit is counted in the log)")
+    p.add_argument("--gi-first-cap", type=float, default=100.0,
+                   help="GI, first student epoch only: doubling stops once alpha passes this (reference: 100, i.e. 128)")
+    p.add_argument("--gi-result", default="midpoint", choices=["midpoint", "upper"],
+                   help="GI: keep the last bisection midpoint (reference; may miss the threshold) or the upper end")
     p.add_argument("--no-gi", action="store_true", help="plain Nesterov SGD for every parameter (ablation)")
     return parse_args(p, argv)
 
@@ -93,56 +98,67 @@ def kd_loss(s_logits, t_logits, temperature, reduction="mean"):
     return (kl.mean() if reduction == "mean" else kl.sum() / len(kl)) * T * T  # 'mean': over B*C elements
 
 
-# ALGO LOGIC: gradient inundation (GI) for the quantized weights
+# ALGO LOGIC: gradient inundation (GI) for the quantized weights (reference: optimizer.py, SGD_adalr)
 class GradientInundation(torch.optim.Optimizer):
-    """Nesterov SGD whose step on each weight tensor is scaled by alpha >= 1, the smallest (doubling, then 5
-    bisection steps) that changes at least `threshold` of the tensor's integer codes (per-channel min/max,
-    `wbits`). The momentum buffer keeps the raw gradient. alpha never exceeds `alpha_cap`."""
+    """Nesterov SGD whose step on each weight tensor is scaled by alpha, chosen per step as the reference does:
+    perc(a) = fraction of the tensor's integer codes (per-channel min/max, `wbits`) that change under p - a*lr*d.
+    alpha = 1 if perc(1) >= threshold; else double alpha until perc(alpha) >= threshold or alpha > cap, then bisect
+    5 times between alpha/2 and alpha (stopping early when |perc - threshold| < threshold/100) and keep the last
+    midpoint tried (`result="midpoint"`, the reference, which may miss the threshold) or the upper end, which always
+    reaches it (`"upper"`). cap = `first_cap` while `first_epoch` is set (the reference's first student epoch:
+    doubling stops at 128), else `alpha_cap` (the reference has no bound there). The search uses the raw gradient;
+    weight decay enters the update and the momentum buffer, as in the reference."""
 
-    def __init__(self, params, lr, wbits, threshold, momentum=0.9, alpha_cap=1024.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, threshold=threshold))
-        self.wbits, self.alpha_cap, self.last_alphas = wbits, alpha_cap, []
+    def __init__(self, params, lr, wbits, threshold, momentum=0.9, weight_decay=0.0, alpha_cap=1e9, first_cap=100.0,
+                 result="midpoint"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, threshold=threshold, weight_decay=weight_decay))
+        self.wbits, self.alpha_cap, self.first_cap, self.result = wbits, alpha_cap, first_cap, result
+        self.first_epoch, self.last_alphas, self.cap_hits = False, [], 0
 
-    def changed_fraction(self, p, step, codes):
-        """Fraction of p's integer codes that differ after p - step (one vectorised fake-quant of the tensor)."""
-        return (weight_codes(p - step, self.wbits) != codes).float().mean().item()
-
-    def find_alpha(self, p, step, threshold):
+    def find_alpha(self, p, d, lr, threshold):
+        """The multiplier for the step -lr*alpha*d on p (float32 comparisons on the device, as the reference)."""
         codes = weight_codes(p, self.wbits)
+
+        def perc(a):
+            return (weight_codes(p - (a * lr) * d, self.wbits) != codes).float().mean()
+
         alpha = 1.0
-        if self.changed_fraction(p, step, codes) >= threshold:
+        if perc(alpha) >= threshold:
             return alpha
-        while alpha < self.alpha_cap:  # double until enough codes change (or the cap: a zero gradient ends here)
-            alpha = min(2 * alpha, self.alpha_cap)
-            if self.changed_fraction(p, alpha * step, codes) >= threshold:
+        cap = self.first_cap if self.first_epoch else self.alpha_cap
+        while True:  # double until enough codes change, or alpha passes the cap
+            alpha *= 2
+            if perc(alpha) >= threshold:
                 break
-        else:
-            return alpha
+            if alpha > cap:
+                self.cap_hits += 1
+                break
         lo, hi = alpha / 2, alpha
         for _ in range(5):  # bisect for the smallest multiplier that still crosses the threshold
             mid = (lo + hi) / 2
-            perc = self.changed_fraction(p, mid * step, codes)
-            if abs(perc - threshold) < threshold / 100:
+            pm = perc(mid)
+            if torch.abs(pm - threshold) < threshold / 100:
                 return mid
-            lo, hi = (lo, mid) if perc >= threshold else (mid, hi)
-        return hi
+            lo, hi = (mid, hi) if pm < threshold else (lo, mid)
+        return mid if self.result == "midpoint" else hi
 
     @torch.no_grad()
     def step(self):
         self.last_alphas = []
         for group in self.param_groups:
-            lr, mom, th = group["lr"], group["momentum"], group["threshold"]
+            lr, mom, th, wd = group["lr"], group["momentum"], group["threshold"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if "buf" not in state:
-                    state["buf"] = p.grad.clone()
+                g, state = p.grad, self.state[p]
+                buf = state.get("buf")
+                alpha = self.find_alpha(p, g + mom * (g if buf is None else mom * buf + g), lr, th)
+                d_p = g if wd == 0 else g.add(p, alpha=wd)
+                if buf is None:
+                    buf = state["buf"] = d_p.clone()
                 else:
-                    state["buf"].mul_(mom).add_(p.grad)
-                d = p.grad + mom * state["buf"]  # Nesterov direction
-                alpha = self.find_alpha(p, lr * d, th)
-                p.sub_(lr * alpha * d)
+                    buf.mul_(mom).add_(d_p)
+                p.add_(d_p.add(buf, alpha=mom), alpha=-lr * alpha)  # Nesterov
                 self.last_alphas.append(alpha)
 
 
@@ -163,9 +179,9 @@ if __name__ == "__main__":
     opt_s = torch.optim.SGD(others, lr=args.lr_s, momentum=args.momentum, nesterov=True,
                             weight_decay=args.weight_decay)
     opts = {"opt_s": opt_s, "opt_g": opt_g}
-    if qweights:  # weight decay 0 (AIT), so GI needs none
+    if qweights:
         opts["opt_gi"] = GradientInundation(qweights, args.lr_s, args.wbits, args.passing_threshold, args.momentum,
-                                            args.alpha_cap)
+                                            args.weight_decay, args.alpha_cap, args.gi_first_cap, args.gi_result)
     milestones = lr_milestones(args)
     opt_gi = opts.get("opt_gi")
     progress = Progress(args, run, test, teacher_top1, {"student": student, "generator": generator, **opts})
@@ -180,6 +196,7 @@ if __name__ == "__main__":
         if opt_gi:
             set_lr(opt_gi, args.lr_s * factor)
             set_lr(opt_gi, args.passing_threshold * factor, key="threshold")
+            opt_gi.first_epoch, opt_gi.cap_hits = epoch == args.warmup_epochs, 0  # reference: capped in epoch 1 only
         sums, alpha_sum, gi_time = torch.zeros(4, device=device), 0.0, 0.0
         for it in range(args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
@@ -216,6 +233,7 @@ if __name__ == "__main__":
         losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"], (sums / n).tolist()))
         if opt_gi and not warmup:
             losses["charts/gi_mean_alpha"], losses["charts/gi_s_per_iter"] = alpha_sum / n, gi_time / n
+            losses["charts/gi_cap_hits"] = opt_gi.cap_hits  # tensor-steps whose doubling the cap stopped
         progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
                            n * args.batch_size, time.time() - t_epoch, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)

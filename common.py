@@ -543,7 +543,8 @@ def normalise(x_uint8, mean, std):
 
 
 def augment(x, generator=None, pad=4):
-    """Random crop (zero padding `pad`) + horizontal flip, batched on a [B,C,H,W] tensor."""
+    """Random crop (zero padding `pad`) + horizontal flip, batched on a [B,C,H,W] tensor. Applied to the uint8
+    images, before normalisation, so the padding is black, as torchvision's RandomCrop(32, padding=4) pads them."""
     b, _, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device="cpu").to(x.device)
@@ -559,15 +560,14 @@ def augment(x, generator=None, pad=4):
 
 
 def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, labels=None):
-    """One epoch over a uint8 training split in a random order (torch's RNG): normalised, randomly cropped and
-    flipped batches on `device` (the last partial batch is dropped). Yields x, or (x, y) when labels are given."""
+    """One epoch over a uint8 training split in a random order (torch's RNG): randomly cropped (black padding) and
+    flipped, then normalised batches on `device` (the last partial batch is dropped). Yields x, or (x, y) when
+    labels are given."""
     perm = torch.randperm(len(x_uint8))
     for i in range(0, len(perm) - batch_size + 1, batch_size):
         idx = perm[i:i + batch_size]
-        x = normalise(x_uint8[idx].to(device), mean, std)
-        if augment_images:
-            x = augment(x)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x_uint8[idx].to(device)
+        x = normalise(augment(x) if augment_images else x, mean, std).contiguous(memory_format=torch.channels_last)
         yield x if labels is None else (x, labels[idx].to(device))
 
 

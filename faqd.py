@@ -31,8 +31,9 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=0.01, help="SGD (Nesterov) learning rate, cosine decay over the epochs")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--grad-clip", type=float, default=20.0, help="gradient-norm clip")
-    p.add_argument("--kd", default="mse", choices=["mse", "kl"], help="logit distillation: MSE, or KL at --kd-temperature")
+    p.add_argument("--grad-clip", type=float, default=20.0, help="gradient-norm clip of the student's parameters")
+    p.add_argument("--kd", default="mse", choices=["mse", "kl"],
+                   help="logit distillation: MSE, or KL at --kd-temperature (summed over the batch, as the reference)")
     p.add_argument("--kd-temperature", type=float, default=5.0, help="temperature for --kd kl")
     p.add_argument("--kd-coef", type=float, default=1.0, help="weight of the logit distillation term")
     p.add_argument("--fa-coef", type=float, default=0.1, help="weight of the feature-affinity term")
@@ -40,6 +41,12 @@ def parse(argv=None):
     p.add_argument("--fa-type", default="fa", choices=["fa", "ffa"], help="exact feature affinity or its fast sketch")
     p.add_argument("--ffa-k", type=int, default=15, help="FFA: number of random projections")
     p.add_argument("--alpha-rate", type=float, default=0.01, help="activation-step gradient rate (reference: 0.01)")
+    p.add_argument("--alpha-mode", default="learned", choices=["learned", "frozen"],
+                   help="activation step: learned (the paper) or frozen at its initial value (what the reference's "
+                        "training effectively does: its step never receives a gradient)")
+    p.add_argument("--alpha-weight-decay", type=float, default=1e-6, help="weight decay of the activation steps")
+    p.add_argument("--float-acts", action="store_true",
+                   help="plain ReLU activations, only the weights projected (the reference's --fine_tuning mode)")
     p.add_argument("--student-depth", type=int, default=None, help="student ResNet depth (default: the teacher's)")
     p.add_argument("--from-scratch", action="store_true",
                    help="random student init (the paper's end-to-end mode) instead of the teacher's weights")
@@ -48,6 +55,8 @@ def parse(argv=None):
         die(f"--wbits {args.wbits} is not supported by FAQD's weight projections; choose from {WBITS}")
     if args.abits not in ABITS:
         die(f"--abits {args.abits} is not supported by FAQD's quantized ReLU; choose from {ABITS}")
+    if args.float_acts:
+        args.abits = 32  # float activations: the run name and summary say so
     args.student_depth = args.student_depth or args.teacher_depth
     return args
 
@@ -125,7 +134,7 @@ def fa_loss(fs, ft):
     """sum over the batch of ||A_s - A_t||_1 / (HW)^2, A = F^T F over unit position vectors (teacher detached)."""
     ft = ft.detach()
     if ft.shape[-2:] != fs.shape[-2:]:
-        ft = F.interpolate(ft, size=fs.shape[-2:], mode="bilinear", align_corners=False)
+        ft = F.interpolate(ft, size=fs.shape[-2:], mode="bilinear", align_corners=True)  # as the reference
     s, t = _unit_positions(fs), _unit_positions(ft)
     hw = s.shape[-1]
     return (s.transpose(1, 2) @ s - t.transpose(1, 2) @ t).abs().sum() / hw ** 2
@@ -136,7 +145,7 @@ def ffa_loss(fs, ft, k, generator, p=1):
     O(C HW k). |.|^p summed over positions, averaged over k, summed over the batch, / (HW)^2."""
     ft = ft.detach()
     if ft.shape[-2:] != fs.shape[-2:]:
-        ft = F.interpolate(ft, size=fs.shape[-2:], mode="bilinear", align_corners=False)
+        ft = F.interpolate(ft, size=fs.shape[-2:], mode="bilinear", align_corners=True)  # as the reference
     s, t = _unit_positions(fs), _unit_positions(ft)
     hw = s.shape[-1]
     v = torch.randn(hw, k, generator=generator, device="cpu").to(fs.device, fs.dtype)
@@ -159,7 +168,7 @@ class GeneratorState:
 
 def build_student(args, teacher, num_classes):
     """The student ResNet (teacher weights unless --from-scratch) with FAQD's quantizers: every conv projected
-    (first conv included), every ReLU a FAQDReLU, the FC full precision."""
+    (first conv included), every ReLU a FAQDReLU (unless --float-acts), the FC full precision."""
     student = CifarResNet(args.student_depth, num_classes)
     if not args.from_scratch:
         if args.student_depth != args.teacher_depth:
@@ -172,7 +181,7 @@ def build_student(args, teacher, num_classes):
             q.load_state_dict(m.state_dict())
             q.wbits = args.wbits
             return q
-        if isinstance(m, nn.ReLU):
+        if isinstance(m, nn.ReLU) and not args.float_acts:
             return FAQDReLU(args.abits, args.alpha_rate)
         return None
     return swap_modules(student, swap).to(args.device, memory_format=torch.channels_last)
@@ -191,8 +200,12 @@ if __name__ == "__main__":
 
     student = build_student(args, teacher, num_classes)
     adapters = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU()) for c in (16, 32, 64)).to(device)
-    params = list(student.parameters()) + list(adapters.parameters())
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay)
+    alphas = [m.alpha for m in student.modules() if isinstance(m, FAQDReLU)]
+    for a in alphas:
+        a.requires_grad_(args.alpha_mode == "learned")
+    others = [p for p in student.parameters() if all(p is not a for a in alphas)] + list(adapters.parameters())
+    groups = [{"params": others}] + ([{"params": alphas, "weight_decay": args.alpha_weight_decay}] if alphas else [])
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay)
     ffa_gen = torch.Generator().manual_seed(args.seed)  # private RNG for FFA's projections (not the global one)
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "adapters": adapters, "opt": opt, "ffa_gen": GeneratorState(ffa_gen)})
@@ -216,14 +229,14 @@ if __name__ == "__main__":
                 kd = F.mse_loss(s_logits, t_logits)
             else:
                 T = args.kd_temperature
-                kd = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="batchmean") * T * T
+                kd = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="sum") * T * T
             fa = sum(fa_loss(a(fs), ft) if args.fa_type == "fa" else ffa_loss(a(fs), ft, args.ffa_k, ffa_gen)
                      for a, fs, ft in zip(adapters, s_feats["stages"], t_feats["stages"]))
             ce = F.cross_entropy(s_logits, y) if args.label_coef else torch.zeros((), device=device)
             loss = args.kd_coef * kd + args.fa_coef * fa + args.label_coef * ce
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(params, args.grad_clip)
+            nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)  # the reference clips the student only
             opt.step()
             sums += torch.stack([loss, kd, fa, ce]).detach()
         student.eval()

@@ -76,3 +76,50 @@ def run_script(args, cwd, timeout=600):
     """Run a cleanqd script as a subprocess (offline), return CompletedProcess."""
     env = {**os.environ, "CLEANQD_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parity with the reference implementations: outputs of each method's reference code on fixed inputs, kept
+# outside the project (next to it, in the development set-up); the parity tests skip when it is absent.
+FIXTURES = os.path.join(SHARED, "fixtures")
+TEACHER_C10 = os.path.join(SHARED, "teachers", "cifar10_resnet20_chenyaofo.pth")
+
+
+def fixture(method, name):
+    """A reference-output file as a dict; skips the test (with the reason) when the fixtures are absent."""
+    path = os.path.join(FIXTURES, method, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"reference fixtures not found ({path}): parity tests need the shared fixtures folder")
+    return torch.load(path, weights_only=True)
+
+
+def assert_close(ours, ref, tol, what=""):
+    """The fixtures' bound: max|ours - ref| <= tol * max|ref| and ||ours - ref|| <= tol * ||ref||."""
+    ours, ref = torch.as_tensor(ours).double(), torch.as_tensor(ref).double()
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
+    diff = (ours - ref).abs()
+    scale = ref.abs().max().clamp(min=1e-30)
+    assert diff.max() <= tol * scale, f"{what}: max-abs error {diff.max():.3g} > {tol} x {scale:.3g}"
+    assert diff.norm() <= tol * ref.norm().clamp(min=1e-30), f"{what}: relative L2 error {diff.norm() / ref.norm():.3g}"
+
+
+def shared_teacher():
+    """The CIFAR-10 teacher the fixtures were computed with (skips when absent)."""
+    from common import load_teacher
+    if not os.path.isfile(TEACHER_C10):
+        pytest.skip(f"teacher {TEACHER_C10} not found")
+    return load_teacher(TEACHER_C10, "cifar10")[0].to(memory_format=torch.channels_last).requires_grad_(False)
+
+
+def frozen_student(teacher, act_lo, act_hi, wbits=4, abits=4):
+    """W/A quantized copy of the teacher in eval mode whose 19 activation ranges are set (not calibrated)."""
+    from common import QuantReLU, quantize_model, set_calibrating
+    student = quantize_model(teacher, wbits, abits).requires_grad_(True).eval()
+    set_calibrating(student, False)
+    relus = [m for m in student.modules() if isinstance(m, QuantReLU)]
+    assert len(relus) == len(act_lo) == 19
+    for m, lo, hi in zip(relus, act_lo, act_hi):
+        m.lo.fill_(float(lo))
+        m.hi.fill_(float(hi))
+        m.initialised.fill_(True)
+    return student

@@ -20,10 +20,10 @@ def changed(p_before, p_after, bits=4):
     return (weight_codes(p_before, bits) != weight_codes(p_after, bits)).float().mean().item()
 
 
-def gi_step(p, grad, lr, th, cap=1024.0):
+def gi_step(p, grad, lr, th, cap=1024.0, result="upper"):
     p.grad = grad.clone()
     before = p.detach().clone()
-    opt = GradientInundation([p], lr=lr, wbits=4, threshold=th, alpha_cap=cap)
+    opt = GradientInundation([p], lr=lr, wbits=4, threshold=th, alpha_cap=cap, result=result)
     opt.step()
     return opt, before
 
@@ -49,18 +49,28 @@ def test_gi_alpha_one_when_sgd_already_crosses():
 
 
 def test_gi_alpha_capped_and_zero_gradient_terminates():
+    # doubling stops once alpha passes the cap (8 -> 16); the bisection on [8, 16] never reaches the threshold, so
+    # the reference's last midpoint is 8 + 4 + 2 + 1 + 0.5 + 0.25 = 15.75, the upper end stays 16
     p = toy_weight(2)
-    opt, before = gi_step(p, torch.randn_like(p), lr=1e-9, th=0.5, cap=8.0)
-    assert opt.last_alphas == [8.0]
+    opt, before = gi_step(p, torch.randn_like(p), lr=1e-9, th=0.5, cap=8.0, result="midpoint")
+    assert opt.last_alphas == [15.75] and opt.cap_hits == 1
+    p = toy_weight(2)
+    opt, before = gi_step(p, torch.randn_like(p), lr=1e-9, th=0.5, cap=8.0, result="upper")
+    assert opt.last_alphas == [16.0]
+    # a zero gradient under the reference's first-epoch cap (100): 128, then the futile bisection on [64, 128]
     p = toy_weight(3)
-    opt, before = gi_step(p, torch.zeros_like(p), lr=1e-3, th=1e-3, cap=64.0)
-    assert opt.last_alphas == [64.0] and torch.equal(p.detach(), before)
+    p.grad = torch.zeros_like(p)
+    before = p.detach().clone()
+    opt = GradientInundation([p], lr=1e-3, wbits=4, threshold=1e-3)
+    opt.first_epoch = True
+    opt.step()
+    assert opt.last_alphas == [126.0] and torch.equal(p.detach(), before) and opt.cap_hits == 1
 
 
 def test_gi_second_step_uses_momentum():
     p = toy_weight(4)
     g1, g2 = torch.randn_like(p), torch.randn_like(p)
-    opt = GradientInundation([p], lr=1.0, wbits=4, threshold=1e-6)
+    opt = GradientInundation([p], lr=1.0, wbits=4, threshold=1e-6, weight_decay=0.0)
     p.grad = g1.clone()
     opt.step()
     before = p.detach().clone()
