@@ -1,5 +1,5 @@
-"""AKT: Advanced Knowledge Transfer: Enhanced Optimization and Refined Feature Distillation for Zero-Shot
-Quantization (Hong et al., ACM SAC 2025, arXiv 2412.19125).
+"""AKT: Advanced Knowledge Transfer: Refined Feature Distillation for Zero-Shot Quantization in Edge Computing
+(Hong et al., ACM SAC 2025, arXiv 2412.19125).
 
 Reference code: github.com/Inpyo-Hong/AKT-Advanced-knowledge-Transfer (AKT_main/CIFAR/trainer.py), which is AdaDFQ
 (Qian et al., CVPR 2023) plus the refined feature distillation (RFD) term.
@@ -35,10 +35,11 @@ def parse(argv=None):
     p.add_argument("--lr-g", type=float, default=1e-3, help="generator learning rate (Adam, betas 0.5/0.999)")
     p.add_argument("--momentum", type=float, default=0.9, help="student SGD momentum")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="student weight decay")
-    p.add_argument("--milestones", type=float, nargs="*", default=[0.25, 0.5, 0.75],
-                   help="lr x0.1 points, as fractions of the schedule (see --milestones-from)")
+    p.add_argument("--milestones", type=float, nargs="*", default=[0.5],
+                   help="lr x0.1 points, as fractions of the schedule (see --milestones-from); the reference keeps the "
+                        "family's epochs 100/200/300 with 200 epochs, so it decays once, at epoch 100")
     p.add_argument("--milestones-from", default="all", choices=["all", "train"],
-                   help="'all': fractions of --epochs (50/100/150 of 200); "
+                   help="'all': fractions of --epochs (0.5 of 200: epoch 100); "
                         "'train': fractions of the post-warm-up epochs, offset by the warm-up (for short runs)")
     p.add_argument("--rfd-weight", type=float, default=1000.0, help="weight of the RFD term in the student loss")
     p.add_argument("--fd-temperature", type=float, default=8.0, help="softening temperature of the attention maps")
