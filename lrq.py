@@ -45,12 +45,15 @@ def parse(argv=None):
     p.add_argument("--dkd-alpha", type=float, default=1.0, help="DKD: weight of the target-class term (TCKD)")
     p.add_argument("--dkd-beta", type=float, default=8.0, help="DKD: weight of the non-target-class term (NCKD)")
     p.add_argument("--kd-temperature", type=float, default=4.0, help="DKD temperature")
+    p.add_argument("--dkd-ce-weight", type=float, default=0.0,
+                   help="DKD: weight of a CE on the generator's labels beside DKD (mdistiller's distiller: 1, not ramped)")
     p.add_argument("--dkd-warmup", type=int, default=20,
                    help="DKD's linear ramp: the DKD loss is x min(e / N, 1) in the e-th student epoch (DKD's CIFAR "
                         "value 20); 0: no ramp")
     p.add_argument("--temperature", type=float, default=20.0, help="KL temperature for --kd kl (GDFQ)")
     args = parse_args(p, argv)
     args.dkd_warmup = getattr(args, "dkd_warmup", 0)  # a run saved before the ramp existed resumes without it
+    args.dkd_ce_weight = getattr(args, "dkd_ce_weight", 0.0)
     if args.dkd_warmup < 0:
         die(f"--dkd-warmup {args.dkd_warmup} must be at least 0")
     return args
@@ -224,13 +227,15 @@ if __name__ == "__main__":
             t_logits = t_logits.detach()
             with torch.set_grad_enabled(not warmup):
                 s_logits = student(x.detach())
-                if args.kd == "dkd":
+                ce = F.cross_entropy(s_logits, y)
+                if args.kd == "dkd":  # the ramp multiplies the DKD term only, as in mdistiller
                     loss_s = dkd_loss(s_logits, t_logits, y, args.dkd_alpha, args.dkd_beta, args.kd_temperature)
+                    loss_step = ramp * loss_s + args.dkd_ce_weight * ce if args.dkd_ce_weight else ramp * loss_s
                 else:
-                    loss_s = kd_loss(s_logits, t_logits, args.temperature) + F.cross_entropy(s_logits, y)
+                    loss_s = loss_step = kd_loss(s_logits, t_logits, args.temperature) + ce
             if not warmup:
                 opt_s.zero_grad(set_to_none=True)
-                (ramp * loss_s).backward()  # loss_S is logged without the ramp
+                loss_step.backward()  # loss_S is logged without the ramp (and without the DKD's CE)
                 opt_s.step()
             sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
 

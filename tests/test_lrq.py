@@ -141,3 +141,13 @@ def test_dkd_ramp_scales_the_student_gradient(tiny_data, teachers, tmp_path):
     assert ramped[1]["losses/loss_S"] == pytest.approx(half_lr[1]["losses/loss_S"], rel=1e-5)
     # the tiny student's last-epoch loss does depend on the step size (else this test could not fail)
     assert ramped[1]["losses/loss_S"] != pytest.approx(plain[1]["losses/loss_S"], rel=1e-5)
+
+
+def test_dkd_ce_weight_changes_the_student_step(tiny_data, teachers, tmp_path):
+    """--dkd-ce-weight 1 (mdistiller's distiller) adds CE to the step: same run otherwise, another student."""
+    dkd = ["--no-lka", "--ama-margin", "0", "--dkd-warmup", "0", "--lr-s", "0.05"]
+    s, ce = _run("lrq.py", "ce", tiny_data, teachers, tmp_path, dkd + ["--dkd-ce-weight", "1"])
+    _, plain = _run("lrq.py", "noce", tiny_data, teachers, tmp_path, dkd)
+    assert s["args"]["dkd_ce_weight"] == 1.0
+    assert ce[0]["losses/loss_S"] == plain[0]["losses/loss_S"]  # warm-up: no student step yet, same generator
+    assert ce[1]["losses/loss_S"] != pytest.approx(plain[1]["losses/loss_S"], rel=1e-6)
