@@ -140,9 +140,9 @@ def fa_loss(fs, ft):
     return (s.transpose(1, 2) @ s - t.transpose(1, 2) @ t).abs().sum() / hw ** 2
 
 
-def ffa_loss(fs, ft, k, generator, p=1):
+def ffa_loss(fs, ft, k, generator):
     """FA's sketch: compare A_s V and A_t V (V: HW x k Gaussian, drawn from `generator`), computed as F^T (F V) in
-    O(C HW k). |.|^p summed over positions, averaged over k, summed over the batch, / (HW)^2."""
+    O(C HW k). |.| summed over positions, averaged over k, summed over the batch, / (HW)^2 (the reference's order 1)."""
     ft = ft.detach()
     if ft.shape[-2:] != fs.shape[-2:]:
         ft = F.interpolate(ft, size=fs.shape[-2:], mode="bilinear", align_corners=True)  # as the reference
@@ -150,7 +150,16 @@ def ffa_loss(fs, ft, k, generator, p=1):
     hw = s.shape[-1]
     v = torch.randn(hw, k, generator=generator, device="cpu").to(fs.device, fs.dtype)
     m = s.transpose(1, 2) @ (s @ v) - t.transpose(1, 2) @ (t @ v)  # [B, HW, k]
-    return m.abs().pow(p).sum(1).mean(1).sum() / hw ** 2
+    return m.abs().sum(1).mean(1).sum() / hw ** 2
+
+
+def kd_loss(s_logits, t_logits, kind, temperature):
+    """Logit distillation: MSE over all B*C entries (default), or KL(teacher || student) at T summed over the batch,
+    x T^2 (the reference's KLDivLoss(size_average=False))."""
+    if kind == "mse":
+        return F.mse_loss(s_logits, t_logits)
+    T = temperature
+    return F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="sum") * T * T
 
 
 class GeneratorState:
@@ -225,11 +234,7 @@ if __name__ == "__main__":
                 t_logits, t_feats = teacher.forward_features(x)
             s_logits, s_feats = student.forward_features(x)
             # ALGO LOGIC: logit distillation + feature affinity of the three stage outputs (+ optional labels)
-            if args.kd == "mse":
-                kd = F.mse_loss(s_logits, t_logits)
-            else:
-                T = args.kd_temperature
-                kd = F.kl_div(F.log_softmax(s_logits / T, 1), F.softmax(t_logits / T, 1), reduction="sum") * T * T
+            kd = kd_loss(s_logits, t_logits, args.kd, args.kd_temperature)
             fa = sum(fa_loss(a(fs), ft) if args.fa_type == "fa" else ffa_loss(a(fs), ft, args.ffa_k, ffa_gen)
                      for a, fs, ft in zip(adapters, s_feats["stages"], t_feats["stages"]))
             ce = F.cross_entropy(s_logits, y) if args.label_coef else torch.zeros((), device=device)
