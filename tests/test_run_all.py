@@ -155,3 +155,31 @@ def test_report_refreshes_the_readme_table_between_its_markers(tmp_path, capsys)
         report.main(["--runs", str(runs), "--out", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png"),
                      "--readme", str(readme)])
     assert e.value.code == 2 and "needs one" in capsys.readouterr().err and readme.read_text() == "no markers\n"
+
+
+def test_report_labels_the_parity_flags_apart():
+    assert report.label({"method": "faqd", "alpha_mode": "frozen"}) == "faqd-frozen"
+    assert report.label({"method": "faqd", "alpha_mode": "learned"}) == "faqd"
+    assert report.label({"method": "faqd", "float_acts": True, "alpha_mode": "learned"}) == "faqd-floatacts"
+    assert report.label({"method": "ait", "gi_result": "upper"}) == "ait-upper"
+    assert report.label({"method": "ait", "gi_result": "midpoint"}) == "ait"
+    lrq = {"method": "lrq", "no_lka": True, "ama_margin": 0.0, "kd": "dkd"}
+    assert report.label({**lrq, "dkd_beta": 2.0, "dkd_ce_weight": 1.0}) == "lrq:dkd-b2-ce"
+    assert report.label({**lrq, "dkd_beta": 8.0, "dkd_ce_weight": 0.0}) == "lrq:dkd"
+    assert report.label({**lrq, "no_lka": False, "ama_margin": 0.3, "dkd_ce_weight": 1.0}) == "lrq-ce"
+
+
+def test_report_refreshes_each_docs_page_with_its_method_rows(tmp_path):
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    write_summary(runs, "short", "f0", "faqd", 80.0, 81.0, 0, alpha_mode="learned")
+    write_summary(runs, "short", "f1", "faqd", 70.0, 71.0, 0, alpha_mode="frozen")
+    write_summary(runs, "short", "g0", "gdfq", 60.0, 61.0, 0)
+    docs.mkdir()
+    (docs / "faqd.md").write_text(f"# FAQD\n{report.DOC_BEGIN}\nold\n{report.DOC_END}\nend\n")
+    (docs / "gdfq.md").write_text("# GDFQ, no table\n")
+    report.main(["--runs", str(runs), "--out", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png"),
+                 "--docs", str(docs)])
+    text = (docs / "faqd.md").read_text()
+    assert "| faqd | cifar10 |" in text and "| faqd-frozen | cifar10 |" in text and "gdfq" not in text
+    assert "old" not in text and text.endswith(f"{report.DOC_END}\nend\n")
+    assert (docs / "gdfq.md").read_text() == "# GDFQ, no table\n"

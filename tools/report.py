@@ -40,11 +40,20 @@ def label(args):
         return f"akt+{args['base']}"
     if m == "ait" and args.get("no_gi"):
         return "ait-nogi"
+    if m == "ait" and args.get("gi_result", "midpoint") != "midpoint":
+        return f"ait-{args['gi_result']}"
+    if m == "faqd" and args.get("float_acts"):
+        return "faqd-floatacts"
+    if m == "faqd" and args.get("alpha_mode", "learned") != "learned":
+        return f"faqd-{args['alpha_mode']}"
     if m == "lrq":  # the ablation's variants: the components that are on (all three: "lrq")
         margin = args.get("ama_margin", 0)
         on = (["lka"] if not args.get("no_lka") else []) + ([f"ama{margin:g}"] if margin > 0 else []) \
             + (["dkd"] if args.get("kd", "dkd") == "dkd" else [])
-        return "lrq" if len(on) == 3 else "lrq:" + ("+".join(on) or "none")
+        dkd = "" if args.get("kd", "dkd") != "dkd" else (
+            (f"-b{args['dkd_beta']:g}" if args.get("dkd_beta", 8.0) != 8.0 else "")
+            + ("-ce" if args.get("dkd_ce_weight", 0.0) else ""))
+        return ("lrq" if len(on) == 3 else "lrq:" + ("+".join(on) or "none")) + dkd
     if m == "sqakd" and args.get("quantizer", "ewgs") != "ewgs":
         return f"sqakd-{args['quantizer']}"
     return m
@@ -78,17 +87,18 @@ def fmt(xs):
     return f"{m:.2f} ± {s:.2f}" if len(xs) > 1 else f"{m:.2f}"
 
 
-def table(groups, ablations=True):
+def table(groups, ablations=True, methods=None):
+    """Markdown rows (variants included unless ablations=False; only labels of `methods` when given)."""
     lines = ["| method | dataset | W/A | budget | seeds | teacher top-1 (ours) | calibrated | final top-1 | best top-1 | paper |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=lambda k: (k[1], k[0], k[2], k[3], k[4])):
         method, ds, w, a, budget = key
-        if ":" in method and not ablations:
+        if (":" in method and not ablations) or (methods and base(method) not in methods):
             continue
         runs = groups[key]
         calib = [r["calibrated_top1"] for r in runs if r.get("calibrated_top1") is not None]
         paper = PAPER.get((method, ds, w)) if w == a else None
-        paper_txt = f"{paper[0]:.2f} ({paper[1]})" if paper else NOTES.get(method.split("-")[0].split(":")[0], "—")
+        paper_txt = f"{paper[0]:.2f} ({paper[1]})" if paper else NOTES.get(base(method), "—")
         teacher = sorted({r["teacher_top1"] for r in runs})  # one teacher per row: its value, not a mean ± 0
         teacher_txt = f"{teacher[0]:.2f}" if len(teacher) == 1 else fmt([r["teacher_top1"] for r in runs])
         lines.append(f"| {method} | {ds} | W{w}A{a} | {budget} | {len(runs)} | {teacher_txt} | "
@@ -145,19 +155,41 @@ def plot(groups, path):
     return True
 
 
+def base(method):
+    """The script a row's label comes from: 'akt+gdfq' -> 'akt', 'lrq:dkd' -> 'lrq', 'faqd-frozen' -> 'faqd'."""
+    return method.split("+")[0].split(":")[0].split("-")[0]
+
+
 BEGIN, END = "<!-- grid table: copied from results/RESULTS.md -->", "<!-- end grid table -->"
+DOC_BEGIN, DOC_END = "<!-- results table: tools/report.py --docs -->", "<!-- end results table -->"
+
+
+def replace_between(path, begin, end, body):
+    """Replace what lies between the begin and end marker lines of a file. Returns an error message, or None."""
+    text = open(path).read()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        return f"{path}: needs one '{begin}' line and one '{end}' line after it"
+    head, rest = text.split(begin)
+    with open(path, "w") as f:
+        f.write(head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1])
+    return None
 
 
 def update_readme(path, groups):
-    """Replace the table between the BEGIN and END markers of a README with the current one (ablation variants
-    left out: they have their own section). Returns an error message, or None."""
-    text = open(path).read()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        return f"{path}: needs one '{BEGIN}' line and one '{END}' line after it"
-    head, rest = text.split(BEGIN)
-    with open(path, "w") as f:
-        f.write(head + BEGIN + "\n" + table(groups, ablations=False) + "\n" + END + rest.split(END, 1)[1])
-    return None
+    """The README's grid table (ablation variants left out: they are on the methods' pages)."""
+    return replace_between(path, BEGIN, END, table(groups, ablations=False))
+
+
+def update_docs(docs_dir, groups):
+    """Each docs/<method>.md holding the markers gets that method's rows, variants included."""
+    errors, done = [], []
+    for name in sorted(os.listdir(docs_dir)):
+        path = os.path.join(docs_dir, name)
+        if not name.endswith(".md") or DOC_BEGIN not in open(path).read():
+            continue
+        err = replace_between(path, DOC_BEGIN, DOC_END, table(groups, methods={name[:-3]}))
+        (errors if err else done).append(err or path)
+    return errors, done
 
 
 def main(argv=None):
@@ -166,6 +198,7 @@ def main(argv=None):
     p.add_argument("--out", default="results/RESULTS.md", help="markdown table to write")
     p.add_argument("--plot", default="results/accuracy_vs_bits.png", help="plot to write (needs matplotlib)")
     p.add_argument("--readme", help="also refresh the table between the grid table markers of this README (ablation rows left out)")
+    p.add_argument("--docs", help="also refresh each <method>.md in this folder that holds the results-table markers")
     a = p.parse_args(argv)
     groups = collect(a.runs)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
@@ -185,6 +218,13 @@ def main(argv=None):
             print(f"report: {err}", file=sys.stderr)
             sys.exit(2)
         print(f"report: table refreshed in {a.readme}")
+    if a.docs:
+        errors, done = update_docs(a.docs, groups)
+        for err in errors:
+            print(f"report: {err}", file=sys.stderr)
+        if errors:
+            sys.exit(2)
+        print(f"report: tables refreshed in {', '.join(done)}")
 
 
 if __name__ == "__main__":
