@@ -1,5 +1,5 @@
 """cleanqd shared infrastructure: CIFAR ResNet + weight loaders, the ZSQ quantizer, CIFAR data, evaluation,
-seeding, and run / checkpoint helpers. No method logic lives here (see ../shared/specs/common.md)."""
+seeding, and run / checkpoint helpers. No method logic lives here (see docs/protocol.md)."""
 import argparse
 import hashlib
 import io
@@ -59,6 +59,9 @@ def add_common_args(p, method):
     p.add_argument("--run-name", default=None, help="run directory name (default: dataset__method__wXaY__seedS__time)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (and last)")
     p.add_argument("--save-model", action="store_true", help="also save the quantized student as model.pt")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the logged metrics as TensorBoard scalars under the run directory "
+                        "(needs the optional tensorboard package)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop cleanly after this epoch (resumable with --resume), e.g. for time-limited jobs")
@@ -101,6 +104,11 @@ def parse_args(p, argv=None, bits=(2, 8)):
         v = getattr(args, name, None)
         if v is not None and v < least:
             die(f"--{name.replace('_', '-')} {v} must be at least {least}")
+    if getattr(args, "tensorboard", False):
+        try:
+            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+        except ImportError:
+            die("--tensorboard needs the tensorboard package: pip install tensorboard")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device} requested but CUDA is not available; use --device cpu")
     if args.threads:
@@ -317,7 +325,7 @@ def _download(url, kind, prefix, cache_dir):
                 blob = r.read()
         except Exception as e:  # noqa: BLE001 - any network failure is the same user-facing problem
             raise UserError(f"could not download the teacher from {url} ({type(e).__name__}: {e}); offline, pass "
-                            "--teacher PATH to a local .pth, e.g. ../shared/teachers/cifar10_resnet20_chenyaofo.pth")
+                            f"--teacher PATH to a local copy of that file (or of any CIFAR ResNet state_dict)")
         if url.endswith(".zip"):
             with zipfile.ZipFile(io.BytesIO(blob)) as z:
                 blob = z.read(name)
@@ -648,6 +656,10 @@ class Run:
             self._write_json("args.json", saved)
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.ckpt_path = os.path.join(self.dir, "checkpoint.pt")
+        self.tb = None
+        if getattr(args, "tensorboard", False):  # importable: parse_args checked it
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"))
 
     def _write_json(self, name, obj):
         path = os.path.join(self.dir, name)
@@ -659,6 +671,11 @@ class Run:
         """Append one metrics record (a flat dict) to metrics.jsonl."""
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb:  # the same metrics; x axis: training iterations
+            for k, v in record.items():
+                if k not in ("epoch", "iteration") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["iteration"] or record["epoch"])
+            self.tb.flush()
 
     def save_checkpoint(self, state):
         """Write checkpoint.pt atomically (temp file + rename): a kill never leaves a half-written file."""

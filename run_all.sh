@@ -2,14 +2,14 @@
 # Reproduce cleanqd's results: runs the grid methods x datasets x bit-widths x seeds, then writes
 # results/RESULTS.md (and results/accuracy_vs_bits.png when matplotlib is installed).
 #
-#   ./run_all.sh --budget short --jobs 2 --data-dir ./data --teacher-dir ../shared/teachers
+#   ./run_all.sh --budget short --jobs 2 --data-dir ./data --teacher chenyaofo
 #
 # A run whose summary.json exists is skipped; one with a checkpoint but no summary is resumed; a failed run is
-# reported at the end and does not stop the others. See README.md#reproducing-everything.
+# reported at the end and does not stop the others. See docs/reproduce.md.
 set -uo pipefail
 cd "$(dirname "$0")"
 
-BUDGET=short; JOBS=1; DATA_DIR=./data; TEACHER_DIR=""; OUT=results/runs; SEEDS="0 1 2"
+BUDGET=short; JOBS=1; DATA_DIR=./data; TEACHER_DIR=""; TEACHER=""; OUT=results/runs; SEEDS="0 1 2"
 METHODS="gdfq ait akt lrq faqd sqakd"; DATASETS="cifar10 cifar100"; BITS=""; DRY=0; REPORT_ONLY=0; EXTRA=""
 RESULTS=results
 
@@ -23,7 +23,8 @@ usage: ./run_all.sh [options]
   --seeds "0 1 2"             seeds (default: $SEEDS)
   --jobs N                    runs at once; spread over the visible GPUs when there are any (default 1)
   --data-dir DIR              CIFAR folder passed to every run (default ./data)
-  --teacher-dir DIR           folder with {dataset}_resnet20*.pth teachers (default: each script's download)
+  --teacher NAME              'pytorchcv' or 'chenyaofo' (downloaded once), passed to every run (default: each script's)
+  --teacher-dir DIR           folder with {dataset}_resnet20*.pth teachers (local files; overrides --teacher)
   --out-dir DIR               where runs go, as DIR/BUDGET/NAME (default results/runs)
   --results-dir DIR           where RESULTS.md and accuracy_vs_bits.png go (default results)
   --extra "ARGS"              extra arguments for every run (e.g. "--device cpu")
@@ -42,6 +43,7 @@ while [ $# -gt 0 ]; do
     --jobs) JOBS="$2"; shift 2;;
     --data-dir) DATA_DIR="$2"; shift 2;;
     --teacher-dir) TEACHER_DIR="$2"; shift 2;;
+    --teacher) TEACHER="$2"; shift 2;;
     --out-dir) OUT="$2"; shift 2;;
     --results-dir) RESULTS="$2"; shift 2;;
     --extra) EXTRA="$2"; shift 2;;
@@ -86,6 +88,7 @@ i=0; skipped=0
 if [ "$REPORT_ONLY" = 0 ]; then
   for ds in $DATASETS; do
     teacher_arg=""
+    [ -n "$TEACHER" ] && teacher_arg="--teacher $TEACHER"
     if [ -n "$TEACHER_DIR" ]; then
       t=$(ls "$TEACHER_DIR"/${ds}_resnet20*.pth 2>/dev/null | head -n 1)
       [ -z "$t" ] && { echo "error: no ${ds}_resnet20*.pth in $TEACHER_DIR" >&2; exit 2; }

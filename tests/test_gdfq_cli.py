@@ -116,3 +116,21 @@ def test_bad_input_one_line_exit_2(case, tiny_data, teachers, tmp_path):
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
+
+
+def test_tensorboard_writes_the_logged_metrics_or_says_what_to_install(tiny_data, teachers, tmp_path):
+    r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "tb", "--tensorboard")
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:  # the optional package is absent: one line, exit 2, before any work
+        assert r.returncode == 2 and r.stderr.strip() == "error: --tensorboard needs the tensorboard package: " \
+                                                         "pip install tensorboard"
+        return
+    assert r.returncode == 0, r.stderr
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    rows = metrics(tmp_path / "tb")
+    top1 = acc.Scalars("eval/top1")
+    assert [e.step for e in top1] == [row["iteration"] for row in rows] == [2, 4, 6]
+    assert [e.value for e in top1] == pytest.approx([row["eval/top1"] for row in rows])
+    assert "losses/loss_G" in acc.Tags()["scalars"]
