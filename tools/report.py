@@ -107,12 +107,18 @@ def table(groups, ablations=True, methods=None):
     return "\n".join(lines)
 
 
+def superseded(budget):
+    """Runs moved to BUDGET-vN/ were made with code that has changed since: kept in the table, not plotted."""
+    return "-v" in budget
+
+
 def series(groups):
     """What the plot draws: {(dataset, budget): {method: [(bits, mean, std), ...] sorted by bits}} of final top-1,
-    W = A only. Budgets never share a line; the LRQ ablation variants (`lrq:...`) stay in the table only."""
+    W = A only. Budgets never share a line; the LRQ ablation variants (`lrq:...`) and superseded runs stay in the
+    table only."""
     out = defaultdict(lambda: defaultdict(list))
     for (method, ds, w, a, budget), runs in groups.items():
-        if w == a and ":" not in method:
+        if w == a and ":" not in method and not superseded(budget):
             out[(ds, budget)][method].append((w, *mean_std([r["final_top1"] for r in runs])))
     return {k: {m: sorted(pts) for m, pts in v.items()} for k, v in sorted(out.items())}
 
