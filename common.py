@@ -2,6 +2,7 @@
 seeding, and run / checkpoint helpers. No method logic lives here (see docs/protocol.md)."""
 import argparse
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -106,7 +107,7 @@ def parse_args(p, argv=None, bits=(2, 8)):
             die(f"--{name.replace('_', '-')} {v} must be at least {least}")
     if getattr(args, "tensorboard", False):
         try:
-            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+            importlib.import_module("torch.utils.tensorboard")  # needs the tensorboard package
         except ImportError:
             die("--tensorboard needs the tensorboard package: pip install tensorboard")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -149,14 +149,27 @@ def test_report_refreshes_the_readme_table_between_its_markers(tmp_path, capsys)
     report.main(["--runs", str(runs), "--out", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png"),
                  "--readme", str(readme)])
     text = readme.read_text()
-    assert text.startswith(f"# intro\n\n{report.BEGIN}\n| method |") and text.endswith(f"{report.END}\n\ntail text\n")
-    assert "| old | table |" not in text and "| gdfq | cifar10 | W4A4 | short | 1 |" in text
-    assert "lrq:none" not in text and "lrq:none" in (tmp_path / "R.md").read_text()  # ablations: RESULTS.md only
+    assert text.startswith(f"# intro\n\n{report.BEGIN}\n| zero-shot") and text.endswith(f"{report.END}\n\ntail text\n")
+    assert "| old | table |" not in text and "| gdfq | 80.00 (1) |" in text and "CIFAR-10 W4A4" in text
+    assert "lrq:none" not in text and "| lrq | — |" in text and "lrq:none" in (tmp_path / "R.md").read_text()
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit) as e:
         report.main(["--runs", str(runs), "--out", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png"),
                      "--readme", str(readme)])
     assert e.value.code == 2 and "needs one" in capsys.readouterr().err and readme.read_text() == "no markers\n"
+
+
+def test_readme_pivot_means_current_code_only(tmp_path):
+    write_summary(tmp_path, "short", "a", "gdfq", 80.0, 81.0, 0)
+    write_summary(tmp_path, "short", "b", "gdfq", 84.0, 85.0, 1)
+    write_summary(tmp_path, "short", "c", "sqakd", 70.0, 71.0, 0, bits=2)
+    write_summary(tmp_path, "short-v0", "d", "ait", 10.0, 11.0, 0)  # superseded: not on the front page
+    write_summary(tmp_path, "short", "e", "faqd", 50.0, 51.0, 0, alpha_mode="frozen")  # a variant: its page only
+    text = report.pivot(report.collect(str(tmp_path)))
+    zs, lf = text.split("\n\n")
+    assert zs.splitlines()[0] == "| zero-shot (generated images) | CIFAR-10 W4A4 |"
+    assert "| gdfq | 82.00 ± 2.83 (2) |" in zs and "| ait | — |" in zs
+    assert "| sqakd | 70.00 (1) |" in lf and "| faqd | — |" in lf
 
 
 def test_report_labels_the_parity_flags_apart():
@@ -179,9 +192,12 @@ def test_report_refreshes_each_docs_page_with_its_method_rows(tmp_path):
     docs.mkdir()
     (docs / "faqd.md").write_text(f"# FAQD\n{report.DOC_BEGIN}\nold\n{report.DOC_END}\nend\n")
     (docs / "gdfq.md").write_text("# GDFQ, no table\n")
+    (docs / "reproduce.md").write_text(f"{report.DOC_BEGIN}\n{report.DOC_END}\n")
     report.main(["--runs", str(runs), "--out", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png"),
                  "--docs", str(docs)])
     text = (docs / "faqd.md").read_text()
     assert "| faqd | cifar10 |" in text and "| faqd-frozen | cifar10 |" in text and "gdfq" not in text
     assert "old" not in text and text.endswith(f"{report.DOC_END}\nend\n")
     assert (docs / "gdfq.md").read_text() == "# GDFQ, no table\n"
+    every = (docs / "reproduce.md").read_text()
+    assert "| faqd | cifar10 |" in every and "| faqd-frozen |" in every and "| gdfq | cifar10 |" in every

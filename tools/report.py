@@ -166,7 +166,7 @@ def base(method):
     return method.split("+")[0].split(":")[0].split("-")[0]
 
 
-BEGIN, END = "<!-- grid table: copied from results/RESULTS.md -->", "<!-- end grid table -->"
+BEGIN, END = "<!-- headline tables: tools/report.py --readme -->", "<!-- end headline tables -->"
 DOC_BEGIN, DOC_END = "<!-- results table: tools/report.py --docs -->", "<!-- end results table -->"
 
 
@@ -181,19 +181,42 @@ def replace_between(path, begin, end, body):
     return None
 
 
+def pivot(groups, budget="short"):
+    """The README's headline: one table for the generator methods and one for the real-data ones, a row per
+    method and a column per (dataset, W=A bits), cells = final top-1 mean ± std (n seeds); current code only
+    (no superseded runs, no variants)."""
+    cells = {(m, ds, w): runs for (m, ds, w, a, b), runs in groups.items() if b == budget and w == a and base(m) == m}
+    out = []
+    for title, methods in (("zero-shot (generated images)", ("gdfq", "ait", "akt", "lrq")),
+                           ("label-free (real images, labels unused)", ("faqd", "sqakd"))):
+        cols = sorted({(ds, w) for m, ds, w in cells if m in methods}, key=lambda c: (c[0] != "cifar10", c))
+        if not cols:
+            continue
+        out += [f"| {title} | " + " | ".join(f"{'CIFAR-10' if ds == 'cifar10' else 'CIFAR-100'} W{w}A{w}"
+                                              for ds, w in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for m in methods:
+            row = [f"{fmt([r['final_top1'] for r in cells[(m, ds, w)]])} ({len(cells[(m, ds, w)])})"
+                   if (m, ds, w) in cells else "—" for ds, w in cols]
+            out.append(f"| {m} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
 def update_readme(path, groups):
-    """The README's grid table (ablation variants left out: they are on the methods' pages)."""
-    return replace_between(path, BEGIN, END, table(groups, ablations=False))
+    """The README's headline tables (current code, no variants: those are on the methods' pages)."""
+    return replace_between(path, BEGIN, END, pivot(groups))
 
 
 def update_docs(docs_dir, groups):
-    """Each docs/<method>.md holding the markers gets that method's rows, variants included."""
+    """Each docs/<method>.md holding the markers gets that method's rows, variants included; any other page holding
+    them (docs/reproduce.md) gets every row."""
     errors, done = [], []
     for name in sorted(os.listdir(docs_dir)):
         path = os.path.join(docs_dir, name)
         if not name.endswith(".md") or DOC_BEGIN not in open(path).read():
             continue
-        err = replace_between(path, DOC_BEGIN, DOC_END, table(groups, methods={name[:-3]}))
+        method = name[:-3] if name[:-3] in ("gdfq", "ait", "akt", "lrq", "faqd", "sqakd") else None
+        err = replace_between(path, DOC_BEGIN, DOC_END, table(groups, methods={method} if method else None))
         (errors if err else done).append(err or path)
     return errors, done
 
@@ -203,7 +226,7 @@ def main(argv=None):
     p.add_argument("--runs", default="results/runs", help="folder searched for summary.json files")
     p.add_argument("--out", default="results/RESULTS.md", help="markdown table to write")
     p.add_argument("--plot", default="results/accuracy_vs_bits.png", help="plot to write (needs matplotlib)")
-    p.add_argument("--readme", help="also refresh the table between the grid table markers of this README (ablation rows left out)")
+    p.add_argument("--readme", help="also refresh the headline tables between the markers of this README")
     p.add_argument("--docs", help="also refresh each <method>.md in this folder that holds the results-table markers")
     a = p.parse_args(argv)
     groups = collect(a.runs)
