@@ -8,14 +8,16 @@ codes actually changes, so that tiny low-lr updates are not all absorbed by the 
 
     python ait.py --dataset cifar10 --wbits 4
 """
+import math
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, UpsampleConv3x3, add_common_args,
-                    lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup, weight_codes)
+from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, UpsampleConv3x3, _scale_zero,
+                    add_common_args, lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup,
+                    weight_codes)
 
 
 def parse(argv=None):
@@ -49,6 +51,9 @@ def parse(argv=None):
                    help="GI, first student epoch only: doubling stops once alpha passes this (reference: 100, i.e. 128)")
     p.add_argument("--gi-result", default="midpoint", choices=["midpoint", "upper"],
                    help="GI: keep the last bisection midpoint (reference; may miss the threshold) or the upper end")
+    p.add_argument("--gi-search", default="auto", choices=["auto", "sequential", "batched"],
+                   help="GI's alpha search (same result): one candidate at a time, or all candidates batched without a "
+                        "host synchronisation; auto: batched on CUDA")
     p.add_argument("--no-gi", action="store_true", help="plain Nesterov SGD for every parameter (ablation)")
     return parse_args(p, argv)
 
@@ -110,9 +115,10 @@ class GradientInundation(torch.optim.Optimizer):
     weight decay enters the update and the momentum buffer, as in the reference."""
 
     def __init__(self, params, lr, wbits, threshold, momentum=0.9, weight_decay=0.0, alpha_cap=1e9, first_cap=100.0,
-                 result="midpoint"):
+                 result="midpoint", batched=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, threshold=threshold, weight_decay=weight_decay))
         self.wbits, self.alpha_cap, self.first_cap, self.result = wbits, alpha_cap, first_cap, result
+        self.batched = batched  # None: batched on CUDA (no host sync), sequential elsewhere (fewer evaluations)
         self.first_epoch, self.last_alphas, self.cap_hits = False, [], 0
 
     def find_alpha(self, p, d, lr, threshold):
@@ -142,6 +148,41 @@ class GradientInundation(torch.optim.Optimizer):
             lo, hi = (mid, hi) if pm < threshold else (lo, mid)
         return mid if self.result == "midpoint" else hi
 
+    def find_alpha_batched(self, p, d, lr, threshold):
+        """find_alpha's result as a float64 0-dim tensor, without a host synchronisation: every multiplier the search
+        can try is evaluated in two batched passes (the doubling ladder 1, 2, ..., 2^J up to the cap; then the 31
+        points that 5 bisection steps can visit in the final interval), and the search's path is replayed with
+        tensor operations. More arithmetic than find_alpha, no waiting: for GPUs."""
+        k, shape = self.wbits, (-1,) + (1,) * p.dim()
+
+        def percs(alphas):  # [n] float64 multipliers -> [n] float32 changed fractions, as perc() for each
+            steps = (alphas * lr).float().view(shape)  # the scalar a*lr rounded once to float32, as a Python float
+            flat = (p.unsqueeze(0) - steps * d.unsqueeze(0)).flatten(2)
+            s, z = _scale_zero(flat.amin(2, keepdim=True), flat.amax(2, keepdim=True), k)
+            codes = (flat * s - z).round().clamp(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
+            return (codes != weight_codes(p, k)).float().mean((1, 2))
+
+        cap = self.first_cap if self.first_epoch else self.alpha_cap
+        n = int(math.floor(math.log2(cap))) + 1  # doubling passes the cap at 2^n
+        ladder = 2.0 ** torch.arange(n + 1, device=p.device, dtype=torch.float64)
+        ok = percs(ladder) >= threshold
+        crossed = ok[1:].any()
+        j = torch.where(crossed, ok[1:].int().argmax() + 1, n)  # first doubling that crossed, or the cap's
+        self.cap_hits = self.cap_hits + (~ok[0] & ~crossed).int()
+        lo = 2.0 ** (j - 1).double()  # bisection on [lo, 2 lo]: its midpoints are lo (1 + i/32), i = 1..31
+        mids = percs(lo * (1 + torch.arange(1, 32, device=p.device, dtype=torch.float64) / 32))
+        a, b = torch.zeros((), dtype=torch.long, device=p.device), torch.full((), 32, device=p.device)
+        done = torch.zeros((), dtype=torch.bool, device=p.device)
+        last = a
+        for _ in range(5):
+            mid = (a + b) // 2
+            pm = mids.index_select(0, (mid - 1).view(1)).squeeze(0)  # not mids[mid - 1]: that reads mid on the host
+            last = torch.where(done, last, mid)
+            done = done | (torch.abs(pm - threshold) < threshold / 100)
+            a, b = torch.where(done | (pm >= threshold), a, mid), torch.where(done | (pm < threshold), b, mid)
+        pick = last if self.result == "midpoint" else torch.where(done, last, b)
+        return torch.where(ok[0], torch.ones_like(lo), lo * (1 + pick.double() / 32))
+
     @torch.no_grad()
     def step(self):
         self.last_alphas = []
@@ -152,13 +193,18 @@ class GradientInundation(torch.optim.Optimizer):
                     continue
                 g, state = p.grad, self.state[p]
                 buf = state.get("buf")
-                alpha = self.find_alpha(p, g + mom * (g if buf is None else mom * buf + g), lr, th)
+                search = g + mom * (g if buf is None else mom * buf + g)
+                batched = p.is_cuda if self.batched is None else self.batched
+                alpha = (self.find_alpha_batched if batched else self.find_alpha)(p, search, lr, th)
                 d_p = g if wd == 0 else g.add(p, alpha=wd)
                 if buf is None:
                     buf = state["buf"] = d_p.clone()
                 else:
                     buf.mul_(mom).add_(d_p)
-                p.add_(d_p.add(buf, alpha=mom), alpha=-lr * alpha)  # Nesterov
+                if batched:  # alpha is a device tensor
+                    p.sub_(d_p.add(buf, alpha=mom) * (lr * alpha).to(p.dtype))
+                else:
+                    p.add_(d_p.add(buf, alpha=mom), alpha=-lr * alpha)  # Nesterov
                 self.last_alphas.append(alpha)
 
 
@@ -181,7 +227,8 @@ if __name__ == "__main__":
     opts = {"opt_s": opt_s, "opt_g": opt_g}
     if qweights:
         opts["opt_gi"] = GradientInundation(qweights, args.lr_s, args.wbits, args.passing_threshold, args.momentum,
-                                            args.weight_decay, args.alpha_cap, args.gi_first_cap, args.gi_result)
+                                            args.weight_decay, args.alpha_cap, args.gi_first_cap, args.gi_result,
+                                            {"auto": None, "sequential": False, "batched": True}[args.gi_search])
     milestones = lr_milestones(args)
     opt_gi = opts.get("opt_gi")
     progress = Progress(args, run, test, teacher_top1, {"student": student, "generator": generator, **opts})
@@ -226,14 +273,14 @@ if __name__ == "__main__":
                     t_gi = time.time()
                     opt_gi.step()
                     gi_time += time.time() - t_gi
-                    alpha_sum += sum(opt_gi.last_alphas) / len(opt_gi.last_alphas)
+                    alpha_sum += sum(opt_gi.last_alphas) / len(opt_gi.last_alphas)  # a device tensor when batched
             sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
 
         n = args.iters_per_epoch
         losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"], (sums / n).tolist()))
         if opt_gi and not warmup:
-            losses["charts/gi_mean_alpha"], losses["charts/gi_s_per_iter"] = alpha_sum / n, gi_time / n
-            losses["charts/gi_cap_hits"] = opt_gi.cap_hits  # tensor-steps whose doubling the cap stopped
+            losses["charts/gi_mean_alpha"], losses["charts/gi_s_per_iter"] = float(alpha_sum) / n, gi_time / n
+            losses["charts/gi_cap_hits"] = int(opt_gi.cap_hits)  # tensor-steps whose doubling a cap stopped
         progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
                            n * args.batch_size, time.time() - t_epoch, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)

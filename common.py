@@ -545,9 +545,9 @@ def load_cifar(dataset, data_dir, train, download=True):
 
 
 def normalise(x_uint8, mean, std):
-    """uint8 [N,3,H,W] -> float32 standardised with per-channel mean/std (on x's device)."""
-    m = torch.tensor(mean, device=x_uint8.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x_uint8.device).view(1, 3, 1, 1)
+    """uint8 [N,3,H,W] -> float32 standardised with per-channel mean/std (sequences, or tensors on x's device)."""
+    m = torch.as_tensor(mean, device=x_uint8.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, device=x_uint8.device).view(1, 3, 1, 1)
     return (x_uint8.float().div_(255.0) - m) / s
 
 
@@ -556,28 +556,33 @@ def augment(x, generator=None, pad=4):
     images, before normalisation, so the padding is black, as torchvision's RandomCrop(32, padding=4) pads them."""
     b, _, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device="cpu").to(x.device)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device="cpu").to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=x.device)  # drawn where x lives: no copy
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=x.device)
     ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
     rows = (dy[:, None] + ar_h[None]).view(b, 1, h, 1).expand(b, x.shape[1], h, w + 2 * pad)
     xp = xp.gather(2, rows)
     cols = (dx[:, None] + ar_w[None]).view(b, 1, 1, w).expand(b, x.shape[1], h, w)
     out = xp.gather(3, cols)
-    flip = torch.rand(b, generator=generator, device="cpu").to(x.device) < 0.5
+    flip = torch.rand(b, generator=generator, device=x.device) < 0.5
     return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
 
 
 def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, labels=None):
-    """One epoch over a uint8 training split in a random order (torch's RNG): randomly cropped (black padding) and
-    flipped, then normalised batches on `device` (the last partial batch is dropped). Yields x, or (x, y) when
-    labels are given."""
-    perm = torch.randperm(len(x_uint8))
+    """One epoch over a uint8 training split in a random order (torch's RNG on `device`): randomly cropped (black
+    padding) and flipped, then normalised batches on `device` (the last partial batch is dropped). Yields x, or
+    (x, y) when labels are given. Keep the split (and labels) on `device` (`.to(device)` once): then nothing crosses
+    from the host per batch, and on a GPU no step waits for it."""
+    x_uint8 = x_uint8.to(device)  # no-op when it already lives there
+    labels = labels.to(device) if labels is not None else None
+    m = torch.tensor(mean, device=device)
+    s = torch.tensor(std, device=device)
+    perm = torch.randperm(len(x_uint8), device=device)
     for i in range(0, len(perm) - batch_size + 1, batch_size):
         idx = perm[i:i + batch_size]
-        x = x_uint8[idx].to(device)
-        x = normalise(augment(x) if augment_images else x, mean, std).contiguous(memory_format=torch.channels_last)
-        yield x if labels is None else (x, labels[idx].to(device))
+        x = x_uint8[idx]
+        x = normalise(augment(x) if augment_images else x, m, s).contiguous(memory_format=torch.channels_last)
+        yield x if labels is None else (x, labels[idx])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def ffa_loss(fs, ft, k, generator):
         ft = F.interpolate(ft, size=fs.shape[-2:], mode="bilinear", align_corners=True)  # as the reference
     s, t = _unit_positions(fs), _unit_positions(ft)
     hw = s.shape[-1]
-    v = torch.randn(hw, k, generator=generator, device="cpu").to(fs.device, fs.dtype)
+    v = torch.randn(hw, k, generator=generator, device=generator.device).to(fs.device, fs.dtype)
     m = s.transpose(1, 2) @ (s @ v) - t.transpose(1, 2) @ (t @ v)  # [B, HW, k]
     return m.abs().sum(1).mean(1).sum() / hw ** 2
 
@@ -203,6 +203,7 @@ if __name__ == "__main__":
     x_train, y_train = load_cifar(args.dataset, args.data_dir, train=True)
     if args.train_subset:
         x_train, y_train = x_train[:args.train_subset], y_train[:args.train_subset]
+    x_train, y_train = x_train.to(device), y_train.to(device)  # once: batches are cut and augmented there
     args.iters_per_epoch = len(x_train) // args.batch_size
     if args.iters_per_epoch == 0:
         die(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")
@@ -215,7 +216,7 @@ if __name__ == "__main__":
     others = [p for p in student.parameters() if all(p is not a for a in alphas)] + list(adapters.parameters())
     groups = [{"params": others}] + ([{"params": alphas, "weight_decay": args.alpha_weight_decay}] if alphas else [])
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay)
-    ffa_gen = torch.Generator().manual_seed(args.seed)  # private RNG for FFA's projections (not the global one)
+    ffa_gen = torch.Generator(device).manual_seed(args.seed)  # FFA's own RNG (not the global one), on the device
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "adapters": adapters, "opt": opt, "ffa_gen": GeneratorState(ffa_gen)})
     if progress.start_epoch == 0:

@@ -162,10 +162,11 @@ def margin_logits(logits, feat, fc, y, margin):
 def dkd_loss(s_logits, t_logits, y, alpha=1.0, beta=8.0, temperature=4.0):
     """alpha * TCKD + beta * NCKD, both KL x T^2 averaged over the batch."""
     T = temperature
-    gt = F.one_hot(y, s_logits.shape[1]).bool()
+    gt = torch.zeros_like(s_logits, dtype=torch.bool).scatter_(1, y[:, None], True)  # F.one_hot checks y on the host
     p_s, p_t = F.softmax(s_logits / T, 1), F.softmax(t_logits / T, 1)
-    b_s = torch.stack([p_s[gt], p_s.masked_fill(gt, 0).sum(1)], 1)  # [p(target), p(non-target)]
-    b_t = torch.stack([p_t[gt], p_t.masked_fill(gt, 0).sum(1)], 1)
+    tgt = y[:, None]  # gather, not boolean-mask indexing: no host synchronisation on a GPU
+    b_s = torch.cat([p_s.gather(1, tgt), p_s.masked_fill(gt, 0).sum(1, keepdim=True)], 1)  # [p(target), p(other)]
+    b_t = torch.cat([p_t.gather(1, tgt), p_t.masked_fill(gt, 0).sum(1, keepdim=True)], 1)
     # kl_div treats 0 * log 0 as 0: a very confident teacher (non-target mass underflowing to 0) stays finite
     tckd = F.kl_div(b_s.clamp(min=1e-12).log(), b_t, reduction="sum") / len(y) * T * T
     log_q_s = F.log_softmax(s_logits / T - 1000.0 * gt, 1)

@@ -169,6 +169,7 @@ if __name__ == "__main__":
     x_train, _ = load_cifar(args.dataset, args.data_dir, train=True)
     if args.train_subset:
         x_train = x_train[:args.train_subset]
+    x_train = x_train.to(device)  # once: batches are cut and augmented there
     args.iters_per_epoch = len(x_train) // args.batch_size
     if args.iters_per_epoch == 0:
         die(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")

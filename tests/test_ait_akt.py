@@ -163,3 +163,28 @@ def test_ait_akt_bad_bits(tiny_data, teachers, tmp_path):
     for script in ("ait.py", "akt.py"):
         r = run_script([script, "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--wbits", "1"], cwd=ROOT)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "out of range" in r.stderr
+
+
+@pytest.mark.parametrize("result", ["midpoint", "upper"])
+def test_gi_batched_search_equals_sequential(result):
+    """The host-sync-free search (CUDA's default) chooses the same alpha as the sequential one, over random tensors,
+    thresholds, caps (first epoch or not) and three steps of momentum."""
+    for seed in range(6):
+        torch.manual_seed(seed)
+        w = torch.randn(16, 8, 3, 3) * 0.1
+        grads = [torch.randn_like(w) * 10.0 ** torch.randint(-6, 0, ()).item() for _ in range(3)]
+        th = [1e-3, 1e-2, 0.2][seed % 3]
+        runs = []
+        for batched in (False, True):
+            p = torch.nn.Parameter(w.clone())
+            opt = GradientInundation([p], lr=1e-3, wbits=4, threshold=th, alpha_cap=2.0 ** (6 + seed),
+                                     result=result, batched=batched)
+            opt.first_epoch = seed % 2 == 0
+            seen = []
+            for g in grads:
+                p.grad = g.clone()
+                opt.step()
+                seen.append(float(opt.last_alphas[0]))
+            runs.append((seen, p.detach().clone(), int(opt.cap_hits)))
+        assert runs[0][0] == runs[1][0] and runs[0][2] == runs[1][2]
+        assert torch.allclose(runs[0][1], runs[1][1], rtol=0, atol=1e-6)

@@ -12,11 +12,19 @@ def qnames(d):
     return d["qnames"].split(",") if isinstance(d["qnames"], str) else list(d["qnames"])
 
 
-def gi_over_teacher(names, **kw):
-    """Fresh parameters equal to the teacher's weights, under our GI at the reference's settings."""
+BATCHED = pytest.mark.parametrize("batched", [False, True], ids=["sequential", "batched"])
+
+
+def gi_over_teacher(names, batched=False, **kw):
+    """Fresh parameters equal to the teacher's weights, under our GI at the reference's settings; `batched` runs
+    the search without host synchronisation (CUDA's default), here on the CPU."""
     sd = shared_teacher().state_dict()
     params = [torch.nn.Parameter(sd[n].clone()) for n in names]
-    return params, GradientInundation(params, lr=1e-4, wbits=4, threshold=1e-3, momentum=0.9, **kw)
+    return params, GradientInundation(params, lr=1e-4, wbits=4, threshold=1e-3, momentum=0.9, batched=batched, **kw)
+
+
+def alphas(opt):
+    return [float(a) for a in opt.last_alphas]
 
 
 def changed(p0, p1):
@@ -41,29 +49,31 @@ def test_kl_only_student_loss_and_gradients():
         assert_close(params[key[5:]].grad, ref[key], 1e-4, key)
 
 
+@BATCHED
 @pytest.mark.parametrize("mode", ["uncapped", "capped"])
-def test_gi_first_step_chooses_the_reference_alpha(mode):
+def test_gi_first_step_chooses_the_reference_alpha(mode, batched):
     ref = fixture("ait", "gi_step1.pt")
     names = qnames(ref)
-    params, opt = gi_over_teacher(names)
+    params, opt = gi_over_teacher(names, batched)
     opt.first_epoch = mode == "capped"  # the reference's first student epoch: doubling stops at 128
     p0 = [p.detach().clone() for p in params]
     for p, n in zip(params, names):
         p.grad = ref[f"grad1/{n}"].clone()
     opt.step()
-    assert opt.last_alphas == ref[f"{mode}/alphas"].tolist()  # every alpha exactly, incl. missed-threshold midpoints
+    assert alphas(opt) == ref[f"{mode}/alphas"].tolist()  # every alpha exactly, incl. missed-threshold midpoints
     assert [changed(a, p.detach()) for a, p in zip(p0, params)] == ref[f"{mode}/changed"].tolist()
     for p, n in zip(params, names):
         if f"{mode}/after/{n}" in ref:
             assert_close(p.detach(), ref[f"{mode}/after/{n}"], 1e-6, f"{mode} weight after step: {n}")
-    assert opt.cap_hits == (1 if mode == "capped" else 0)  # fc.weight: 128 without reaching the threshold
+    assert int(opt.cap_hits) == (1 if mode == "capped" else 0)  # fc.weight: 128 without reaching the threshold
 
 
-def test_gi_reference_result_can_miss_threshold_and_upper_flag_reaches_it():
+@BATCHED
+def test_gi_reference_result_can_miss_threshold_and_upper_flag_reaches_it(batched):
     """The reference keeps the last bisection midpoint; --gi-result upper returns the end that reaches it."""
     ref = fixture("ait", "gi_step1.pt")
     names = qnames(ref)
-    params, opt = gi_over_teacher(names, result="upper")
+    params, opt = gi_over_teacher(names, batched, result="upper")
     p0 = [p.detach().clone() for p in params]
     for p, n in zip(params, names):
         p.grad = ref[f"grad1/{n}"].clone()
@@ -73,21 +83,22 @@ def test_gi_reference_result_can_miss_threshold_and_upper_flag_reaches_it():
     assert len(missed) == 7  # the fixture README's 7 tensors
     for i, (a, p) in enumerate(zip(p0, params)):
         assert changed(a, p.detach()) >= 1e-3
-        assert opt.last_alphas[i] >= official[i] and (opt.last_alphas[i] > official[i]) == (i in missed)
+        assert alphas(opt)[i] >= official[i] and (alphas(opt)[i] > official[i]) == (i in missed)
 
 
+@BATCHED
 @pytest.mark.parametrize("scale", ["0.001", "1e-05"])
 @pytest.mark.parametrize("name", ["layer3.2.conv2.weight", "fc.weight"])
-def test_gi_tiny_gradients(name, scale):
+def test_gi_tiny_gradients(name, scale, batched):
     """Uncapped the reference doubles without bound (7168 ... 22544384 here); our default cap is far above."""
     ref, tiny = fixture("ait", "gi_step1.pt"), f"tiny/{name}/{scale}"
     for mode in ("uncapped", "capped"):
-        params, opt = gi_over_teacher([name])
+        params, opt = gi_over_teacher([name], batched)
         opt.first_epoch = mode == "capped"
         p0 = params[0].detach().clone()
         params[0].grad = ref[f"grad1/{name}"] * float(scale)
         opt.step()
-        assert opt.last_alphas == [float(ref[f"{tiny}/{mode}/alpha"])]
+        assert alphas(opt) == [float(ref[f"{tiny}/{mode}/alpha"])]
         after = ref[f"{tiny}/{mode}/after"]
         if after.dim() == 0:  # ||p_after - p0||
             assert_close((params[0].detach() - p0).norm(), after, 1e-5, f"{tiny} {mode} step norm")
@@ -95,11 +106,12 @@ def test_gi_tiny_gradients(name, scale):
             assert_close(params[0].detach(), after, 1e-6, f"{tiny} {mode} weight")
 
 
-def test_gi_second_step_with_momentum():
+@BATCHED
+def test_gi_second_step_with_momentum(batched):
     ref1, ref = fixture("ait", "gi_step1.pt"), fixture("ait", "gi_step2.pt")
     all_names = qnames(ref)
     names = [n for n in all_names if f"grad2/{n}" in ref]
-    params, opt = gi_over_teacher(names)
+    params, opt = gi_over_teacher(names, batched)
     for p, n in zip(params, names):
         p.data.copy_(ref1[f"uncapped/after/{n}"])
         opt.state[p]["buf"] = ref1[f"grad1/{n}"].clone()  # first step: buffer = raw gradient
@@ -108,7 +120,7 @@ def test_gi_second_step_with_momentum():
     opt.step()
     official = dict(zip(all_names, ref["alphas"].tolist()))
     changed_ref = dict(zip(all_names, ref["changed"].tolist()))
-    assert opt.last_alphas == [official[n] for n in names]
+    assert alphas(opt) == [official[n] for n in names]
     for a, p, n in zip(p1, params, names):
         assert_close(p.detach(), ref[f"after/{n}"], 1e-6, f"weight after step 2: {n}")
         assert changed(a, p.detach()) == changed_ref[n]
