@@ -4,7 +4,7 @@ arXiv 2203.17008).
 Reference code: github.com/iamkanghyunchoi/ait, folder GDFQ_AIT/ (trainer.py, optimizer.py = gradient inundation).
 Idea: on the GDFQ loop, distil with the KL term only (no CE on the generator's labels), and update the quantized
 weights with "gradient inundation": scale each tensor's step until at least a threshold fraction of its integer
-codes actually changes, so that tiny low-lr updates are not all absorbed by the rounding. Docs: README.md#ait.
+codes actually changes, so that tiny low-lr updates are not all absorbed by the rounding. Docs: docs/ait.md.
 
     python ait.py --dataset cifar10 --wbits 4
 """

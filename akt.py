@@ -6,7 +6,7 @@ Reference code: github.com/Inpyo-Hong/AKT-Advanced-knowledge-Transfer (AKT_main/
 Idea: besides the logits, distil the channel and spatial attention of every residual-branch output of the teacher
 into the quantized student (RFD), on top of a zero-shot base method (AdaDFQ by default, or GDFQ). Unlike the
 released code, whose RFD is always 0, RFD is computed here with the teacher's features for the same images.
-Docs: README.md#akt.
+Docs: docs/akt.md.
 
     python akt.py --dataset cifar10 --wbits 3
 """

@@ -5,7 +5,7 @@ Reference code: github.com/lzj994/FAQD (CIFAR/quant_distill_cifar10_full.py, qua
 Idea: quantization-aware training on REAL training images without their labels: the quantized student matches the
 FP teacher's logits (MSE) and, through a small learnable adapter, the teacher's feature affinity (the cosine
 similarity between every pair of spatial positions) at the three stage outputs. FAQD brings its own quantizers
-(weight projections and a learnable-step quantized ReLU). Docs: README.md#faqd.
+(weight projections and a learnable-step quantized ReLU). Docs: docs/faqd.md.
 
     python faqd.py --dataset cifar10 --wbits 4 --abits 4
 """

@@ -3,7 +3,7 @@
 Reference code: github.com/xushoukai/GDFQ (main.py: Generator and loop, trainer.py: losses).
 Idea: a conditional generator learns to produce images that the FP teacher classifies as their label (CE) and
 whose BatchNorm input statistics match the teacher's running statistics (BNS); the quantized student is
-distilled from the teacher on those images. Docs: README.md#gdfq.
+distilled from the teacher on those images. Docs: docs/gdfq.md.
 
     python gdfq.py --dataset cifar10 --wbits 4
 """

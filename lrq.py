@@ -5,7 +5,7 @@ No official training code is public and only the abstract is available, so every
 of one sentence of it, and each is a switch: a long-range generator (large-kernel attention after the generator's
 upsampling stages, `--no-lka`), an adversarial margin on the teacher's target-class angle in the generator's CE
 (`--ama-margin`), and decoupled knowledge distillation for the student (`--kd dkd|kl`). Everything else is the
-GDFQ loop. No number produced by this script is LRQ's own result. Docs: README.md#lrq.
+GDFQ loop. No number produced by this script is LRQ's own result. Docs: docs/lrq.md.
 
     python lrq.py --dataset cifar10 --wbits 4
 """
@@ -38,7 +38,7 @@ def parse(argv=None):
     p.add_argument("--bns-weight", type=float, default=0.1, help="weight of the BNS loss in the generator loss")
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
     p.add_argument("--no-lka", action="store_true", help="GDFQ's generator without the large-kernel attention blocks")
-    p.add_argument("--ama-margin", type=float, default=0.3,  # from a sweep 0/0.1/0.3 (README.md#lrq)
+    p.add_argument("--ama-margin", type=float, default=0.3,  # from a sweep 0/0.1/0.3 (docs/lrq.md)
                    help="additive angular margin (radians) on the teacher's target logit in the generator CE; 0: off")
     p.add_argument("--kd", default="dkd", choices=["dkd", "kl"],
                    help="student loss: decoupled KD, or GDFQ's KL('mean', --temperature) + CE")

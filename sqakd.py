@@ -4,7 +4,7 @@ Reference code: github.com/kaiqi123/SQAKD (CIFAR/train_quant.py, CIFAR/models/cu
 Idea: quantization-aware training on REAL unlabeled images where the only loss is KL(teacher || student) at T = 4;
 the student starts from the FP teacher. The paper frames any quantizer as clip -> normalise -> discretise ->
 rescale, with a discretisation gradient scaled by delta (0 = straight-through; EWGS uses delta > 0), which is what
-lets it wrap EWGS, PACT, LSQ and DoReFa. Docs: README.md#sqakd.
+lets it wrap EWGS, PACT, LSQ and DoReFa. Docs: docs/sqakd.md.
 
     python sqakd.py --dataset cifar10 --wbits 2 --abits 2
 """
