@@ -48,7 +48,8 @@ def parse(argv=None):
                    help="GI: doubling stops once alpha passes this (after the first student epoch the reference has no "
                         "bound; this one binds only on a vanishing gradient, and each hit is counted in the log)")
     p.add_argument("--gi-first-cap", type=float, default=100.0,
-                   help="GI, first student epoch only: doubling stops once alpha passes this (reference: 100, i.e. 128)")
+                   help="GI, first student epoch only: doubling stops once alpha passes this "
+                        "(reference: 100, i.e. 128)")
     p.add_argument("--gi-result", default="midpoint", choices=["midpoint", "upper"],
                    help="GI: keep the last bisection midpoint (reference; may miss the threshold) or the upper end")
     p.add_argument("--gi-search", default="auto", choices=["auto", "sequential", "batched"],

@@ -46,7 +46,8 @@ def parse(argv=None):
     p.add_argument("--dkd-beta", type=float, default=8.0, help="DKD: weight of the non-target-class term (NCKD)")
     p.add_argument("--kd-temperature", type=float, default=4.0, help="DKD temperature")
     p.add_argument("--dkd-ce-weight", type=float, default=0.0,
-                   help="DKD: weight of a CE on the generator's labels beside DKD (mdistiller's distiller: 1, not ramped)")
+                   help="DKD: weight of a CE on the generator's labels beside DKD "
+                        "(mdistiller's distiller: 1, not ramped)")
     p.add_argument("--dkd-warmup", type=int, default=20,
                    help="DKD's linear ramp: the DKD loss is x min(e / N, 1) in the e-th student epoch (DKD's CIFAR "
                         "value 20); 0: no ramp")

@@ -10,7 +10,8 @@ patched in memory so that it runs on a CPU: `.cuda()` returns its tensor / modul
 (the reference asserts it), torchvision's CIFAR-10 skips its MD5 check (copies of the data whose bytes differ from
 the official archive load), the `range` its trainer iterates with yields --iters instead of its hard-coded 200,
 and its top-k accuracy helper (`utils/compute.py: accuracy`) is replaced by the same operations with `.reshape`
-where it calls `.view` on a non-contiguous tensor, which PyTorch >= 1.x rejects. One reference "iteration" is the body of its `Trainer.train` loop: generator step (CE + 0.1·BNS, BN hooks),
+where it calls `.view` on a non-contiguous tensor, which current PyTorch rejects. One reference "iteration" is the
+body of its `Trainer.train` loop: generator step (CE + 0.1·BNS, BN hooks),
 student step (KL + CE, Nesterov SGD) and its per-iteration bookkeeping (accuracies copied to the host); ours is
 `gdfq.py`'s loop body. Both use W4A4 students, CIFAR-10 ResNet-20 with random weights (speed does not depend on
 them), the reference's hyper-parameters. The test pass is the reference's `Trainer.test` over its own loader
@@ -178,10 +179,9 @@ def main():
             our_t.append(timed(lambda: [ours.iteration() for _ in range(a.iters)]) / a.iters)
         res[f"iter_b{b}"] = {"reference_s": summary(ref_t), "ours_s": summary(our_t),
                              "ratio": summary([r / o for r, o in zip(ref_t, our_t)])}
+        ratios = res[f"iter_b{b}"]["ratio"]["rounds"]
         print(f"batch {b}: reference {statistics.median(ref_t):.3f} s/iter, ours {statistics.median(our_t):.3f} "
-              f"s/iter, ratio {statistics.median(res[f'iter_b{b}']['ratio']['rounds']):.2f} "
-              f"(rounds {min(res[f'iter_b{b}']['ratio']['rounds']):.2f}-{max(res[f'iter_b{b}']['ratio']['rounds']):.2f})",
-              flush=True)
+              f"s/iter, ratio {statistics.median(ratios):.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
 
     # test pass: the reference's Trainer.test over its loader vs ours over the device-resident test split
     trainer.test_loader = reference_test_loader(a.reference, a.data_dir, a.ref_workers)
