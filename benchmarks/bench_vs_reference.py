@@ -2,7 +2,7 @@
 alternately in one process on the same machine, same threads.
 
     git clone https://github.com/xushoukai/GDFQ /tmp/gdfq     # the reference, outside this repository
-    pip install pyhocon                                        # its options.py imports it
+    pip install pyhocon termcolor                              # its options.py and utils import them
     python benchmarks/bench_vs_reference.py --reference /tmp/gdfq --data-dir ./data --threads 2 --json out.json
 
 Nothing of the reference is copied or changed: it is imported from --reference, and only the environment is
