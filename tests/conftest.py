@@ -123,3 +123,25 @@ def frozen_student(teacher, act_lo, act_hi, wbits=4, abits=4):
         m.hi.fill_(float(hi))
         m.initialised.fill_(True)
     return student
+
+
+def names(s):
+    """A fixture's list of names (stored comma-joined)."""
+    return s.split(",") if isinstance(s, str) else list(s)
+
+
+def check_student_step(student, ref, grad_tol):
+    """After a backward: every parameter's gradient against the fixture (norms, and full tensors where stored), then
+    the reference's Nesterov SGD step (lr 1e-4, momentum 0.9, weight decay 1e-4) and the parameters after it."""
+    params = dict(student.named_parameters())
+    assert list(params) == names(ref["param_names"])
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for n, p in params.items():
+        assert_close(p.grad.norm(), ref[f"grad_norm/{n}"], grad_tol, f"grad norm {n}")
+        if f"grad/{n}" in ref:
+            assert_close(p.grad, ref[f"grad/{n}"], grad_tol, f"grad {n}")
+    torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4).step()
+    for n, p in params.items():
+        assert_close((p.detach() - before[n]).norm(), ref[f"delta_norm/{n}"], grad_tol, f"update norm {n}")
+        if f"after/{n}" in ref:
+            assert_close(p.detach(), ref[f"after/{n}"], 1e-6, f"after {n}")

@@ -5,11 +5,11 @@ import torch
 
 from ait import GradientInundation, kd_loss
 from common import weight_codes
-from conftest import assert_close, fixture, frozen_student, shared_teacher
+from conftest import assert_close, fixture, frozen_student, names, shared_teacher
 
 
 def qnames(d):
-    return d["qnames"].split(",") if isinstance(d["qnames"], str) else list(d["qnames"])
+    return names(d["qnames"])
 
 
 BATCHED = pytest.mark.parametrize("batched", [False, True], ids=["sequential", "batched"])
@@ -43,7 +43,7 @@ def test_kl_only_student_loss_and_gradients():
     assert_close(loss, ref["loss_S"], 1e-4, "KL-only loss")  # the fixture's tolerance: the KL term is small
     assert float(kd_loss(ref["s_logits"], t_logits, 20.0)) == pytest.approx(float(ref["loss_S"]), rel=1e-6)
     params = dict(student.named_parameters())
-    for name in ref["param_names"].split(",") if isinstance(ref["param_names"], str) else ref["param_names"]:
+    for name in names(ref["param_names"]):
         assert_close(params[name].grad.norm(), ref[f"grad_norm/{name}"], 1e-4, f"grad norm {name}")
     for key in [k for k in ref if k.startswith("grad/")]:
         assert_close(params[key[5:]].grad, ref[key], 1e-4, key)
