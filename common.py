@@ -755,7 +755,11 @@ class Progress:
         if args.resume:
             ckpt = run.load_checkpoint()
             for k, obj in state.items():
-                obj.load_state_dict(ckpt[k])
+                try:
+                    obj.load_state_dict(ckpt[k])
+                except (KeyError, ValueError, RuntimeError) as e:  # e.g. a checkpoint of an older version
+                    raise UserError(f"--resume {run.dir}: its checkpoint's {k} does not match this version of "
+                                    f"{args.method}.py ({type(e).__name__}); start a new run")
             set_rng_state(ckpt["rng"])
             self.start_epoch, self.best, self.top1 = ckpt["epoch"] + 1, ckpt["best_top1"], ckpt["top1"]
             self.calib_top1, elapsed = ckpt["calib_top1"], ckpt["elapsed"]

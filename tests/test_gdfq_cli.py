@@ -159,3 +159,15 @@ def test_every_script_resumes_exactly(case, tiny_data, teachers, tmp_path):
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     keys = [k for k in a[-1] if k.startswith(("losses/", "eval/", "charts/lr", "charts/gi_mean", "charts/gi_cap"))]
     assert len(a) == len(b) == 3 and [[x.get(k) for k in keys] for x in a] == [[x.get(k) for k in keys] for x in b]
+
+
+def test_resume_of_an_incompatible_checkpoint_is_one_line(tiny_data, teachers, tmp_path):
+    args = ["faqd.py", "--epochs", "2", "--train-subset", "16", "--batch-size", "8", "--data-dir", tiny_data,
+            "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path), "--run-name", "old", "--stop-after", "1"]
+    assert run_script(args, cwd=ROOT).returncode == 0
+    ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=False)
+    ckpt["opt"]["param_groups"] = ckpt["opt"]["param_groups"][:1]  # as saved before the steps had their own group
+    torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
+    r = run_script(["faqd.py", "--resume", str(tmp_path / "old")], cwd=ROOT)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "does not match this version of faqd.py" in lines[0], r.stderr
