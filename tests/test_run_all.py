@@ -115,6 +115,7 @@ def test_plot_series_keeps_budgets_apart_and_leaves_ablations_out(tmp_path):
     write_summary(tmp_path, "paper", "g4p", "gdfq", 90.0, 90.5, 0)
     write_summary(tmp_path, "short", "lrq_abl", "lrq", 70.0, 71.0, 0, no_lka=True, ama_margin=0.0, kd="kl")
     write_summary(tmp_path, "short-v0", "old", "gdfq", 10.0, 11.0, 0)  # made with older code: table only
+    write_summary(tmp_path, "short", "frozen", "faqd", 50.0, 51.0, 0, alpha_mode="frozen")  # a variant: table only
     s = report.series(report.collect(str(tmp_path)))
     assert "| gdfq | cifar10 | W4A4 | short-v0 | 1 |" in report.table(report.collect(str(tmp_path)))
     # 2 seeds at W4: mean 82, sample std sqrt((2^2 + 2^2) / 1) = 2.83; bits sorted; the paper run is its own panel

@@ -114,11 +114,11 @@ def superseded(budget):
 
 def series(groups):
     """What the plot draws: {(dataset, budget): {method: [(bits, mean, std), ...] sorted by bits}} of final top-1,
-    W = A only. Budgets never share a line; the LRQ ablation variants (`lrq:...`) and superseded runs stay in the
-    table only."""
+    W = A only, default settings only. Budgets never share a line; variants (`lrq:...`, `faqd-frozen`, `akt+gdfq`)
+    and superseded runs stay in the table only."""
     out = defaultdict(lambda: defaultdict(list))
     for (method, ds, w, a, budget), runs in groups.items():
-        if w == a and ":" not in method and not superseded(budget):
+        if w == a and base(method) == method and not superseded(budget):
             out[(ds, budget)][method].append((w, *mean_std([r["final_top1"] for r in runs])))
     return {k: {m: sorted(pts) for m, pts in v.items()} for k, v in sorted(out.items())}
 
