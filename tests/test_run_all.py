@@ -168,9 +168,9 @@ def test_readme_pivot_means_current_code_only(tmp_path):
     write_summary(tmp_path, "short", "e", "faqd", 50.0, 51.0, 0, alpha_mode="frozen")  # a variant: its page only
     text = report.pivot(report.collect(str(tmp_path)))
     zs, lf = text.split("\n\n")
-    assert zs.splitlines()[0] == "| zero-shot (generated images) | CIFAR-10 W4A4 |"
-    assert "| gdfq | 82.00 ± 2.83 (2) |" in zs and "| ait | — |" in zs
-    assert "| sqakd | 70.00 (1) |" in lf and "| faqd | — |" in lf
+    assert zs.splitlines()[0] == "| zero-shot (generated images) | CIFAR-10 W4A4 |"  # the superseded run's column
+    assert "| gdfq | 82.00 ± 2.83 (2) |" in zs and "| ait | — |" in zs  # ... without its value
+    assert "| sqakd | 70.00 (1) |" in lf and "| faqd | n/a |" in lf  # faqd ran only as a variant here
 
 
 def test_report_labels_the_parity_flags_apart():

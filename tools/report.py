@@ -183,20 +183,21 @@ def replace_between(path, begin, end, body):
 
 def pivot(groups, budget="short"):
     """The README's headline: one table for the generator methods and one for the real-data ones, a row per
-    method and a column per (dataset, W=A bits), cells = final top-1 mean ± std (n seeds); current code only
-    (no superseded runs, no variants)."""
+    method and a column per (dataset, W=A bits) that the grid has run, cells = final top-1 mean ± std (n seeds) of
+    current code only ("—" where only superseded runs exist, "n/a" where none; no variants)."""
     cells = {(m, ds, w): runs for (m, ds, w, a, b), runs in groups.items() if b == budget and w == a and base(m) == m}
     out = []
     for title, methods in (("zero-shot (generated images)", ("gdfq", "ait", "akt", "lrq")),
                            ("label-free (real images, labels unused)", ("faqd", "sqakd"))):
-        cols = sorted({(ds, w) for m, ds, w in cells if m in methods}, key=lambda c: (c[0] != "cifar10", c))
+        grid = {(m, ds, w) for (m, ds, w, a, b) in groups if w == a and (b == budget or b.startswith(budget + "-v"))}
+        cols = sorted({(ds, w) for m, ds, w in grid if m in methods}, key=lambda c: (c[0] != "cifar10", c))
         if not cols:
             continue
         out += [f"| {title} | " + " | ".join(f"{'CIFAR-10' if ds == 'cifar10' else 'CIFAR-100'} W{w}A{w}"
                                               for ds, w in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for m in methods:
             row = [f"{fmt([r['final_top1'] for r in cells[(m, ds, w)]])} ({len(cells[(m, ds, w)])})"
-                   if (m, ds, w) in cells else "—" for ds, w in cols]
+                   if (m, ds, w) in cells else "—" if (m, ds, w) in grid else "n/a" for ds, w in cols]
             out.append(f"| {m} | " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out).rstrip("\n")
