@@ -152,7 +152,7 @@ def test_report_refreshes_the_readme_table_between_its_markers(tmp_path, capsys)
     text = readme.read_text()
     assert text.startswith(f"# intro\n\n{report.BEGIN}\n| zero-shot") and text.endswith(f"{report.END}\n\ntail text\n")
     assert "| old | table |" not in text and "| gdfq | 80.00 (1) |" in text and "CIFAR-10 W4A4" in text
-    assert "lrq:none" not in text and "| lrq | — |" in text and "lrq:none" in (tmp_path / "R.md").read_text()
+    assert "lrq:none" not in text and "| lrq | n/a |" in text and "lrq:none" in (tmp_path / "R.md").read_text()
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit) as e:
         report.main(["--runs", str(runs), "--out", str(tmp_path / "R.md"), "--plot", str(tmp_path / "p.png"),
