@@ -816,8 +816,10 @@ def lr_milestones(args):
                                                                           args.epochs - args.warmup_epochs)
     milestones = [start + round(f * span) for f in args.milestones]
     if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
+        advice = " (use --milestones-from train for short runs)" if args.milestones_from == "all" else \
+            " (too few student epochs for these --milestones)"
         print(f"warning: the lr first decays in epoch {min(milestones) + 1}, not after the warm-up: the student "
-              "never trains at its base lr (use --milestones-from train for short runs)")
+              f"never trains at its base lr{advice}")
     return milestones
 
 

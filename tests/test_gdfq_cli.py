@@ -171,3 +171,19 @@ def test_resume_of_an_incompatible_checkpoint_is_one_line(tiny_data, teachers, t
     r = run_script(["faqd.py", "--resume", str(tmp_path / "old")], cwd=ROOT)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "does not match this version of faqd.py" in lines[0], r.stderr
+
+
+def test_milestone_warning_advises_only_what_would_help(capsys):
+    from argparse import Namespace
+    from common import lr_milestones
+    # 'all' on a short run: the first decay (round(0.25 * 16) = 4) hits the first student epoch -> advise 'train'
+    assert lr_milestones(Namespace(epochs=16, warmup_epochs=4, milestones=[0.25], milestones_from="all")) == [4]
+    assert "use --milestones-from train" in capsys.readouterr().out
+    # 'train' already, but 2 student epochs: round(0.25 * 2) = 0 -> epoch 4 again; the advice would not help
+    assert lr_milestones(Namespace(epochs=6, warmup_epochs=4, milestones=[0.25], milestones_from="train")) == [4]
+    out = capsys.readouterr().out
+    assert "too few student epochs" in out and "use --milestones-from train" not in out
+    # the short recipe: 7, 10, 13, no warning
+    assert lr_milestones(Namespace(epochs=16, warmup_epochs=4, milestones=[0.25, 0.5, 0.75],
+                                   milestones_from="train")) == [7, 10, 13]
+    assert capsys.readouterr().out == ""
