@@ -91,7 +91,8 @@ def parse_args(p, argv=None, bits=(2, 8)):
             die(f"--resume {args.resume}: no checkpoint.pt there (the run ended before its first epoch)")
         with open(path) as f:
             saved = json.load(f)
-        keep = {"resume": args.resume, "device": args.device, "threads": args.threads, "stop_after": args.stop_after}
+        keep = {"resume": args.resume, "device": args.device, "threads": args.threads, "stop_after": args.stop_after,
+                "tensorboard": args.tensorboard or saved.get("tensorboard", False)}  # can be switched on when resuming
         args = argparse.Namespace(**{**vars(args), **saved, **keep})  # a flag added since the run began: default
     if args.abits is None:
         args.abits = args.wbits
@@ -326,7 +327,7 @@ def _download(url, kind, prefix, cache_dir):
                 blob = r.read()
         except Exception as e:  # noqa: BLE001 - any network failure is the same user-facing problem
             raise UserError(f"could not download the teacher from {url} ({type(e).__name__}: {e}); offline, pass "
-                            f"--teacher PATH to a local copy of that file (or of any CIFAR ResNet state_dict)")
+                            "--teacher PATH to a local copy of that file (or of any CIFAR ResNet state_dict)")
         if url.endswith(".zip"):
             with zipfile.ZipFile(io.BytesIO(blob)) as z:
                 blob = z.read(name)

@@ -187,3 +187,12 @@ def test_milestone_warning_advises_only_what_would_help(capsys):
     assert lr_milestones(Namespace(epochs=16, warmup_epochs=4, milestones=[0.25, 0.5, 0.75],
                                    milestones_from="train")) == [7, 10, 13]
     assert capsys.readouterr().out == ""
+
+
+def test_tensorboard_can_be_switched_on_when_resuming(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    import gdfq
+    (tmp_path / "args.json").write_text(json.dumps({"wbits": 4, "abits": 4, "epochs": 3, "tensorboard": False}))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert gdfq.parse(["--resume", str(tmp_path), "--tensorboard"]).tensorboard is True
+    assert gdfq.parse(["--resume", str(tmp_path)]).tensorboard is False
