@@ -245,7 +245,7 @@ if __name__ == "__main__":
             set_lr(opt_gi, args.lr_s * factor)
             set_lr(opt_gi, args.passing_threshold * factor, key="threshold")
             opt_gi.first_epoch, opt_gi.cap_hits = epoch == args.warmup_epochs, 0  # reference: capped in epoch 1 only
-        sums, alpha_sum, gi_time = torch.zeros(4, device=device), 0.0, 0.0
+        sums, alpha_sum, gi_time = torch.zeros(5, device=device), 0.0, 0.0
         for it in range(args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -275,10 +275,12 @@ if __name__ == "__main__":
                     opt_gi.step()
                     gi_time += time.time() - t_gi
                     alpha_sum += sum(opt_gi.last_alphas) / len(opt_gi.last_alphas)  # a device tensor when batched
-            sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
+            acc_g = (t_logits.argmax(1) == y).float().mean() * 100  # teacher top-1 on generated images
+            sums += torch.stack([loss_g, ce_g, bns, loss_s, acc_g]).detach()
 
         n = args.iters_per_epoch
-        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"], (sums / n).tolist()))
+        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S", "charts/teacher_acc_gen"],
+                          (sums / n).tolist()))
         if opt_gi and not warmup:
             losses["charts/gi_mean_alpha"], losses["charts/gi_s_per_iter"] = float(alpha_sum) / n, gi_time / n
             losses["charts/gi_cap_hits"] = int(opt_gi.cap_hits)  # tensor-steps whose doubling a cap stopped

@@ -172,7 +172,7 @@ if __name__ == "__main__":
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
-        sums = torch.zeros(4, device=device)
+        sums = torch.zeros(5, device=device)
         for it in range(args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -210,10 +210,12 @@ if __name__ == "__main__":
                 opt_s.zero_grad(set_to_none=True)
                 loss_s.backward()
                 opt_s.step()
-            sums += torch.stack([loss_g, bns, base, rfd]).detach()
+            acc_g = (t_logits.argmax(1) == y).float().mean() * 100  # teacher top-1 on generated images
+            sums += torch.stack([loss_g, bns, base, rfd, acc_g]).detach()
 
         n = args.iters_per_epoch
-        losses = dict(zip(["losses/loss_G", "losses/bns", "losses/base_S", "losses/rfd"], (sums / n).tolist()))
+        losses = dict(zip(["losses/loss_G", "losses/bns", "losses/base_S", "losses/rfd", "charts/teacher_acc_gen"],
+                          (sums / n).tolist()))
         progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
                            n * args.batch_size, time.time() - t_epoch, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)

@@ -121,7 +121,7 @@ if __name__ == "__main__":
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
-        sums = torch.zeros(4, device=device)  # summed on the device: no host sync inside the epoch
+        sums = torch.zeros(5, device=device)  # summed on the device: no host sync inside the epoch
         for it in range(args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -147,9 +147,11 @@ if __name__ == "__main__":
                 opt_s.zero_grad(set_to_none=True)
                 loss_s.backward()
                 opt_s.step()
-            sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
+            acc_g = (t_logits.argmax(1) == y).float().mean() * 100  # teacher top-1 on generated images
+            sums += torch.stack([loss_g, ce_g, bns, loss_s, acc_g]).detach()
 
-        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"],
+        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S",
+                          "charts/teacher_acc_gen"],
                           (sums / args.iters_per_epoch).tolist()))
         progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
                            args.iters_per_epoch * args.batch_size, time.time() - t_epoch, warmup,

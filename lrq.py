@@ -208,7 +208,7 @@ if __name__ == "__main__":
         # 0 during the warm-up, when the student takes no step
         ramp = min(max(epoch + 1 - args.warmup_epochs, 0) / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
         ramp = ramp if args.kd == "dkd" else 1.0
-        sums = torch.zeros(4, device=device)
+        sums = torch.zeros(5, device=device)
         for it in range(args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -239,10 +239,12 @@ if __name__ == "__main__":
                 opt_s.zero_grad(set_to_none=True)
                 loss_step.backward()  # loss_S is logged without the ramp (and without the DKD's CE)
                 opt_s.step()
-            sums += torch.stack([loss_g, ce_g, bns, loss_s]).detach()
+            acc_g = (t_logits.argmax(1) == y).float().mean() * 100  # teacher top-1 on generated images
+            sums += torch.stack([loss_g, ce_g, bns, loss_s, acc_g]).detach()
 
         n = args.iters_per_epoch
-        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S"], (sums / n).tolist()))
+        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S", "charts/teacher_acc_gen"],
+                          (sums / n).tolist()))
         charts = {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor, "dkd_ramp": ramp}
         progress.end_epoch(epoch, student, losses, charts, n * args.batch_size, time.time() - t_epoch, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)

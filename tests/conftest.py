@@ -85,6 +85,14 @@ FIXTURES = os.path.join(SHARED, "fixtures")
 TEACHER_C10 = os.path.join(SHARED, "teachers", "cifar10_resnet20_chenyaofo.pth")
 
 
+def assert_teacher_acc_gen(rows, images_per_epoch):
+    """charts/teacher_acc_gen (the teacher's top-1 on an epoch's generated images) is logged every epoch and is a
+    count of correct images over images_per_epoch, in percent."""
+    for row in rows:
+        acc, step = row["charts/teacher_acc_gen"], 100 / images_per_epoch
+        assert 0 <= acc <= 100 and abs(acc / step - round(acc / step)) < 1e-3, (acc, images_per_epoch)
+
+
 def fixture(method, name):
     """A reference-output file as a dict; skips the test (with the reason) when the fixtures are absent."""
     path = os.path.join(FIXTURES, method, name)

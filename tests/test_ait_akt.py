@@ -8,7 +8,7 @@ import torch
 from ait import GradientInundation
 from akt import (adadfq_generator_loss, adadfq_student_loss, channel_attention, rfd_loss, spatial_attention)
 from common import weight_codes
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_teacher_acc_gen, run_script
 
 
 def toy_weight(seed=0):
@@ -153,6 +153,7 @@ def test_smoke(script, extra, tiny_data, teachers, tmp_path):
     assert s["epochs_done"] == 2 and s["final_top1"] is not None and s["calibrated_top1"] is not None
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(v) for k, v in rows[-1].items() if k.startswith("losses/"))
+    assert_teacher_acc_gen(rows, 2 * 8)
     if script == "akt.py":
         assert rows[-1]["losses/rfd"] > 0  # the feature term is really computed (the release's is always 0)
     if extra == []:

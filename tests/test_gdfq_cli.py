@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common import EvalData, load_quantized, load_teacher
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_teacher_acc_gen, run_script
 
 TINY = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8",
         "--milestones-from", "train", "--device", "cpu"]
@@ -34,6 +34,7 @@ def test_smoke_end_to_end_and_saved_model(tiny_data, teachers, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[-1]["eval/top1"] == s["final_top1"] and rows[0]["eval/top1"] == s["calibrated_top1"]
     assert rows[0]["losses/loss_G"] > 0 and "charts/images_per_s" in rows[0]
+    assert_teacher_acc_gen(rows, 2 * 8)
     # lr: warm-up at base, then fractions of the 2 post-warm-up epochs: milestones at 1+round(.25*2)=1, 2, 3
     assert rows[0]["charts/lr_S"] == pytest.approx(1e-4) and rows[2]["charts/lr_S"] == pytest.approx(1e-6)
     assert "(warm-up)" in r.stdout and "ETA" in r.stdout and "img/s" in r.stdout

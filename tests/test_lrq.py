@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_teacher_acc_gen, run_script
 from lrq import DilatedDepthwiseConv, Generator, LKABlock, dkd_loss, margin_logits
 
 
@@ -113,7 +113,8 @@ def _run(script, name, tiny_data, teachers, tmp_path, extra=()):
 
 
 def test_smoke(tiny_data, teachers, tmp_path):
-    s, _ = _run("lrq.py", "r", tiny_data, teachers, tmp_path)
+    s, rows = _run("lrq.py", "r", tiny_data, teachers, tmp_path)
+    assert_teacher_acc_gen(rows, 2 * 8)
     assert s["epochs_done"] == 2 and s["final_top1"] is not None and s["args"]["kd"] == "dkd"
 
 
