@@ -66,6 +66,10 @@ def add_common_args(p, method):
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop cleanly after this epoch (resumable with --resume), e.g. for time-limited jobs")
+    if method in ("gdfq", "ait", "akt", "lrq"):
+        p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
+                       help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
+                            "bias-corrected one, which inflates the ranges for the first ~150 updates")
     p.set_defaults(method=method)
     return p
 
@@ -436,28 +440,38 @@ class QLinear(nn.Linear):
 
 class QuantReLU(nn.Module):
     """ReLU followed by a per-tensor activation quantizer whose range is an EMA (momentum 0.9) of the batch
-    min/max while `calibrating` is True (first update = batch value), frozen otherwise."""
+    min/max while `calibrating` is True (first update = batch value), frozen otherwise. ema="reference" is the
+    reference code's EMA instead: it divides the whole running value by (1 - 0.9^t) at every update t, which
+    inflates the range for the first ~150 updates (x100 to x4000 for updates 5-50) before it settles."""
 
-    def __init__(self, abits, momentum=0.9):
+    def __init__(self, abits, momentum=0.9, ema="plain"):
         super().__init__()
-        self.abits, self.momentum, self.calibrating = abits, momentum, True
+        self.abits, self.momentum, self.calibrating, self.ema = abits, momentum, True, ema
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        if ema == "reference":
+            self.register_buffer("beta_t", torch.ones(()))  # momentum^t after t updates
 
     def forward(self, x):
         x = F.relu(x)
         if self.calibrating:
             with torch.no_grad():
                 lo, hi = x.detach().aminmax()
-                m = torch.where(self.initialised, self.momentum, 0.0)
-                self.lo.copy_(m * self.lo + (1 - m) * lo)
-                self.hi.copy_(m * self.hi + (1 - m) * hi)
+                if self.ema == "reference":  # its float32 arithmetic, in its order
+                    m = self.beta_t.new_tensor(self.momentum)
+                    self.beta_t.mul_(m)
+                    self.lo.copy_((self.lo * m + lo * (1 - m)) / (1 - self.beta_t))
+                    self.hi.copy_((self.hi * m + hi * (1 - m)) / (1 - self.beta_t))
+                else:
+                    m = torch.where(self.initialised, self.momentum, 0.0)
+                    self.lo.copy_(m * self.lo + (1 - m) * lo)
+                    self.hi.copy_(m * self.hi + (1 - m) * hi)
                 self.initialised.fill_(True)
         return fake_quant(x, self.lo, self.hi, self.abits)
 
     def extra_repr(self):
-        return f"abits={self.abits}, momentum={self.momentum}"
+        return f"abits={self.abits}, momentum={self.momentum}, ema={self.ema}"
 
 
 def swap_modules(model, fn):
@@ -471,10 +485,11 @@ def swap_modules(model, fn):
     return model
 
 
-def quantize_model(model, wbits, abits):
+def quantize_model(model, wbits, abits, act_ema="plain"):
     """A quantized copy of `model`: every Conv2d/Linear becomes QConv2d/QLinear at `wbits` (same float weights)
-    and every ReLU a QuantReLU at `abits` (19 in ResNet-20). BN stays float and unfused. The copy is on the
-    model's device, in channels_last memory format (faster convolutions on CPU and GPU)."""
+    and every ReLU a QuantReLU at `abits` (19 in ResNet-20) whose range calibrates with `act_ema`. BN stays float
+    and unfused. The copy is on the model's device, in channels_last memory format (faster convolutions on CPU and
+    GPU)."""
     import copy
 
     def swap(child):
@@ -484,7 +499,7 @@ def quantize_model(model, wbits, abits):
         elif isinstance(child, nn.Linear):
             new = QLinear(child.in_features, child.out_features, child.bias is not None)
         elif isinstance(child, nn.ReLU):
-            return QuantReLU(abits)
+            return QuantReLU(abits, ema=act_ema)
         else:
             return None
         new.load_state_dict(child.state_dict())
@@ -716,7 +731,8 @@ def load_quantized(path, device="cpu"):
     """Rebuild a student saved with --save-model: returns (model in eval mode with frozen ranges, mean, std)."""
     blob = torch.load(path, map_location=device, weights_only=False)
     model = quantize_model(CifarResNet(blob["depth"], blob["num_classes"]), blob["wbits"], blob["abits"])
-    model.load_state_dict(blob["state_dict"])
+    # the reference EMA's update counter (--act-ema reference) only matters while calibrating
+    model.load_state_dict({k: v for k, v in blob["state_dict"].items() if not k.endswith(".beta_t")})
     set_calibrating(model, False)
     return model.to(device).eval(), blob["mean"], blob["std"]
 

@@ -104,7 +104,7 @@ if __name__ == "__main__":
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
     # student: quantized copy of the teacher, trained in eval mode (BN running stats frozen, gamma/beta train)
-    student = quantize_model(teacher, args.wbits, args.abits).requires_grad_(True).eval()
+    student = quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
     generator = Generator(num_classes, args.latent_dim).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))

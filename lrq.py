@@ -187,7 +187,7 @@ if __name__ == "__main__":
     teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
-    student = quantize_model(teacher, args.wbits, args.abits).requires_grad_(True).eval()
+    student = quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
     generator = Generator(num_classes, args.latent_dim, lka=not args.no_lka).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))

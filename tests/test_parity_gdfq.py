@@ -88,6 +88,26 @@ def test_calibration_whole_model():
         assert_close(logits, ref[f"model_plain/logits{t}"], 1e-5, f"logits step {t}")
 
 
+def test_calibration_reference_ema_matches_the_official_quantizer():
+    """--act-ema reference reproduces the official bias-corrected update, inflation included."""
+    ref = fixture("gdfq", "act_calib.pt")
+    q = QuantReLU(4, ema="reference")
+    for t in range(5):
+        out = q(ref[f"single/x{t}"])
+        assert_close(q.lo, ref[f"single/x_min{t}"], 1e-6, f"lo step {t}")
+        assert_close(q.hi, ref[f"single/x_max{t}"], 1e-6, f"hi step {t}")
+        assert_close(out, ref[f"single/out{t}"], 1e-6, f"out step {t}")
+    assert q.hi > 100 * ref["single/plain_hi4"] / 1.15  # 117.8 where the plain EMA stays at 1.1
+    student = quantize_model(shared_teacher(), 4, 4, act_ema="reference").eval()
+    relus = dict((n, m) for n, m in student.named_modules() if isinstance(m, QuantReLU))
+    order = names(ref["model/names"])
+    for t in range(5):
+        logits = student(ref[f"model/images{t}"])
+        assert_close(torch.stack([relus[n].lo for n in order]), ref[f"model_official/lo{t}"], 1e-5, f"lo {t}")
+        assert_close(torch.stack([relus[n].hi for n in order]), ref[f"model_official/hi{t}"], 1e-5, f"hi {t}")
+        assert_close(logits, ref[f"model_official/logits{t}"], 1e-4, f"logits step {t}")
+
+
 def seeded_generator(ref):
     torch.manual_seed(int(ref["seed_init"]))
     return gdfq.Generator(int(ref["num_classes"]), int(ref["latent_dim"])).train()
