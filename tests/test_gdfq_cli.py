@@ -67,6 +67,25 @@ def test_resume_reproduces_uninterrupted_run(tiny_data, teachers, tmp_path):
     assert all(torch.equal(sa_model[k], sb_model[k]) for k in sa_model)
 
 
+def test_act_ema_reference_reaches_the_student_and_its_saved_model(tiny_data, teachers, tmp_path):
+    """--act-ema reference: the ranges inflate as the reference's (2 updates in the 1-epoch warm-up: x5.3 of a
+    steady batch), the counter is checkpointed, and the saved model still loads."""
+    for ema in ("plain", "reference"):
+        r = gdfq(tiny_data, teachers, tmp_path, "--run-name", ema, "--act-ema", ema, "--save-model")
+        assert r.returncode == 0, r.stderr
+    plain, ref = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=False)["student"]
+                  for n in ("plain", "reference"))
+    his = [k for k in plain if k.endswith(".hi")]
+    assert len(his) == 19 and not any(k.endswith("beta_t") for k in plain)
+    assert all(ref[k[:-2] + "beta_t"] == pytest.approx(0.81) for k in his)  # 0.9^2 after two updates
+    assert min(ref[k] / plain[k] for k in his) > 2
+    s = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    model, _, _ = load_quantized(str(tmp_path / "reference" / "model.pt"))
+    _, info = load_teacher(teachers["cifar10"], "cifar10")
+    args = type("A", (), {"dataset": "cifar10", "data_dir": tiny_data, "eval_norm": "teacher", "device": "cpu"})
+    assert EvalData(args, info).top1(model) == pytest.approx(s["final_top1"])
+
+
 def test_nan_stops_cleanly_and_keeps_last_checkpoint(tiny_data, teachers, tmp_path):
     r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "nan", "--lr-s", "1e38")
     assert r.returncode == 1 and "Traceback" not in r.stderr
