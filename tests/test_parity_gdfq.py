@@ -97,7 +97,7 @@ def test_calibration_reference_ema_matches_the_official_quantizer():
         assert_close(q.lo, ref[f"single/x_min{t}"], 1e-6, f"lo step {t}")
         assert_close(q.hi, ref[f"single/x_max{t}"], 1e-6, f"hi step {t}")
         assert_close(out, ref[f"single/out{t}"], 1e-6, f"out step {t}")
-    assert q.hi > 100 * ref["single/plain_hi4"] / 1.15  # 117.8 where the plain EMA stays at 1.1
+    assert q.hi > 50 * ref["single/plain_hi4"]  # 117.8 where the plain EMA stays at 1.1
     student = quantize_model(shared_teacher(), 4, 4, act_ema="reference").eval()
     relus = dict((n, m) for n, m in student.named_modules() if isinstance(m, QuantReLU))
     order = names(ref["model/names"])
