@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, UpsampleConv3x3, _scale_zero,
-                    add_common_args, lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup,
-                    weight_codes)
+                    add_common_args, check_warmup, lr_milestones, parse_args, quantize_model, set_calibrating, set_lr,
+                    setup, weight_codes)
 
 
 def parse(argv=None):
@@ -56,7 +56,9 @@ def parse(argv=None):
                    help="GI's alpha search (same result): one candidate at a time, or all candidates batched without a "
                         "host synchronisation; auto: batched on CUDA")
     p.add_argument("--no-gi", action="store_true", help="plain Nesterov SGD for every parameter (ablation)")
-    return parse_args(p, argv)
+    args = parse_args(p, argv)
+    check_warmup(args.epochs, args.warmup_epochs)
+    return args
 
 
 # GDFQ generator and BNS loss, as in gdfq.py (common.md section 3)
@@ -246,7 +248,7 @@ if __name__ == "__main__":
             set_lr(opt_gi, args.passing_threshold * factor, key="threshold")
             opt_gi.first_epoch, opt_gi.cap_hits = epoch == args.warmup_epochs, 0  # reference: capped in epoch 1 only
         sums, alpha_sum, gi_time = torch.zeros(5, device=device), 0.0, 0.0
-        for it in range(args.iters_per_epoch):
+        for it in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
 

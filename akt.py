@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, lr_milestones, parse_args,
-                    quantize_model, set_calibrating, set_lr, setup)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, check_warmup,
+                    lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup)
 
 
 def parse(argv=None):
@@ -49,6 +49,7 @@ def parse(argv=None):
                    help="weight of the BNS loss in the generator loss (default: 1.0 for adadfq, 0.1 for gdfq)")
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
     args = parse_args(p, argv)
+    check_warmup(args.epochs, args.warmup_epochs)
     if args.bns_weight is None:
         args.bns_weight = 1.0 if args.base == "adadfq" else 0.1
     return args
@@ -173,7 +174,7 @@ if __name__ == "__main__":
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
         sums = torch.zeros(5, device=device)
-        for it in range(args.iters_per_epoch):
+        for it in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
 

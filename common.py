@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import signal
 import sys
 import time
 import urllib.request
@@ -34,11 +35,42 @@ def die(msg, code=2):
     sys.exit(code)
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """--help shows every flag's default (the papers' values are the point of the scripts), unless its help text
+    already says what the default is."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default is argparse.SUPPRESS or not action.option_strings:
+            return h
+        if action.default is None:
+            return h + " (default: none)"
+        if isinstance(action.default, bool) and not action.default:
+            return h + " (default: off)"
+        d = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return h + f" (default: {d})".replace("%", "%%")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are a single line and exit code 2 (no usage dump)."""
+    """argparse whose errors are a single line and exit code 2 (no usage dump), and whose --help shows defaults."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*a, **kw)
 
     def error(self, message):
         die(f"{self.prog}: {message} (see --help)")
+
+    def given(self, argv=None):
+        """The flags given on the command line (dest -> value), without the defaults."""
+        saved = [(a, a.default) for a in self._actions]
+        try:
+            for a, _ in saved:
+                a.default = argparse.SUPPRESS
+            return vars(self.parse_args(argv))
+        finally:
+            for a, d in saved:
+                a.default = d
 
 
 def add_common_args(p, method):
@@ -74,18 +106,60 @@ def add_common_args(p, method):
     return p
 
 
+# Interruptions: Ctrl-C (SIGINT) and SIGTERM (what schedulers send before a time limit) end the run with one line
+# that names the last checkpoint and the exact --resume command, exit code 130 / 143. A signal that arrives while an
+# epoch's metrics and checkpoint are being written waits until they are written.
+class Interrupted(BaseException):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_INTERRUPT = {"defer": False, "pending": None, "where": None}  # `where`: a callable that describes the run's state
+
+
+def _on_signal(signum, frame):
+    if _INTERRUPT["defer"]:
+        _INTERRUPT["pending"] = signum
+    else:
+        raise Interrupted(signum)
+
+
+def script_name():
+    """The file this program was started from (a renamed copy of a script names itself)."""
+    return os.path.basename(sys.argv[0]) or "script.py"
+
+
 def _excepthook(kind, value, tb):
     if issubclass(kind, UserError):
         print(f"error: {value}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2)
+    if issubclass(kind, (KeyboardInterrupt, Interrupted)):
+        signum = value.signum if isinstance(value, Interrupted) else signal.SIGINT
+        where = _INTERRUPT["where"]() if _INTERRUPT["where"] else "before training started; nothing to resume"
+        sys.stdout.write("\n" if sys.stdout.isatty() else "")
+        sys.stdout.flush()
+        print(f"interrupted ({signal.Signals(signum).name}) {where}", file=sys.stderr, flush=True)
+        os._exit(128 + int(signum))
     sys.__excepthook__(kind, value, tb)
+
+
+# What a --resume may change: where and how fast it runs, how often it evaluates, what it writes on the side. Every
+# other flag given with --resume must equal the saved run's.
+RESUME_MAY_CHANGE = {"resume", "device", "threads", "tensorboard", "stop_after", "eval_every", "data_dir"}
+
+
+def _fmt_flag(v):
+    return " ".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def parse_args(p, argv=None, bits=(2, 8)):
     """Parse, validate the shared flags, and merge with args.json when --resume is given. From here on an
     uncaught UserError ends the program with one line and exit code 2."""
     sys.excepthook = _excepthook
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     args = p.parse_args(argv)
     if args.resume:
         path = os.path.join(args.resume, "args.json")
@@ -95,9 +169,19 @@ def parse_args(p, argv=None, bits=(2, 8)):
             die(f"--resume {args.resume}: no checkpoint.pt there (the run ended before its first epoch)")
         with open(path) as f:
             saved = json.load(f)
-        keep = {"resume": args.resume, "device": args.device, "threads": args.threads, "stop_after": args.stop_after,
-                "tensorboard": args.tensorboard or saved.get("tensorboard", False)}  # can be switched on when resuming
-        args = argparse.Namespace(**{**vars(args), **saved, **keep})  # a flag added since the run began: default
+        dests = {a.dest for a in p._actions}
+        given = {k: v for k, v in p.given(argv).items() if k in dests}
+        for k, v in given.items():  # a resumed run continues the saved one: its training flags cannot change
+            if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]:
+                die(f"--resume {args.resume}: --{k.replace('_', '-')} {_fmt_flag(v)} differs from the saved run's "
+                    f"{_fmt_flag(saved[k])}; drop the flag, or start a new run (flags that may change on resume: "
+                    + ", ".join("--" + f.replace("_", "-") for f in sorted(RESUME_MAY_CHANGE - {"resume"})) + ")")
+        # this session's device, threads and --stop-after (given or default); --tensorboard can be switched on, not
+        # off; --eval-every and --data-dir as given, else as saved
+        keep = {"device": args.device, "threads": args.threads, "stop_after": args.stop_after,
+                "tensorboard": args.tensorboard or saved.get("tensorboard", False),
+                **{k: given[k] for k in ("eval_every", "data_dir") if k in given}}
+        args = argparse.Namespace(**{**vars(args), **saved, **keep, "resume": args.resume})  # new flags: default
     if args.abits is None:
         args.abits = args.wbits
     lo, hi = bits
@@ -359,11 +443,13 @@ def load_teacher(spec, dataset, depth=20, cache_dir=None):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"--teacher {path}: cannot read it as a torch state_dict ({type(e).__name__})")
+        raise UserError(f"--teacher {path} is not a PyTorch weights file (one written by torch.save, loadable "
+                        f"without running code): torch.load failed with {type(e).__name__}")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd:
-        raise UserError(f"--teacher {path}: not a state_dict")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"--teacher {path} holds a {type(sd).__name__}, not a state_dict (a dict of parameter "
+                        "tensors, e.g. model.state_dict() saved with torch.save)")
     sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
     layout = detect_layout(sd)
     if layout == "pytorchcv":
@@ -678,6 +764,7 @@ class Run:
             self._write_json("args.json", saved)
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.ckpt_path = os.path.join(self.dir, "checkpoint.pt")
+        self.ckpt = None  # the checkpoint, once a resume has read it
         self.tb = None
         if getattr(args, "tensorboard", False):  # importable: parse_args checked it
             from torch.utils.tensorboard import SummaryWriter
@@ -705,17 +792,27 @@ class Run:
         os.replace(self.ckpt_path + ".tmp", self.ckpt_path)
 
     def load_checkpoint(self):
-        """The checkpoint, with metrics.jsonl trimmed to the epochs it covers."""
+        """The checkpoint, with metrics.jsonl trimmed to the epochs it covers (a line written after it, or cut
+        short by a kill, is dropped)."""
         try:
             state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"cannot read {self.ckpt_path} ({type(e).__name__}); the run cannot be resumed")
+        keep_up_to = state.get("epochs_done")  # metrics rows are numbered like it
+        if keep_up_to is None:  # a checkpoint written before epochs were counted from 1 (rows from 0, too)
+            state["epochs_done"] = keep_up_to = state["epoch"] + 1
+            keep_up_to -= 1
         if os.path.isfile(self.metrics_path):
+            rows = []
             with open(self.metrics_path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+                for line in f:
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        pass
             with open(self.metrics_path, "w") as f:
                 for r in rows:
-                    if r["epoch"] <= state["epoch"]:
+                    if r["epoch"] <= keep_up_to:
                         f.write(json.dumps(r) + "\n")
         return state
 
@@ -744,7 +841,8 @@ def fmt_time(seconds):
 
 def setup(args):
     """Seed, load the teacher (frozen, channels_last) and the test set, create or reopen the run directory and
-    evaluate the teacher. `--epochs 0` ends here with a summary. Returns (teacher, info, test, run, teacher_top1)."""
+    evaluate the teacher (a resumed run reads the figure from its checkpoint). `--epochs 0` ends here with a summary.
+    Returns (teacher, info, test, run, teacher_top1)."""
     seed_everything(args.seed, args.deterministic)
     teacher, info = load_teacher(args.teacher, args.dataset, args.teacher_depth)
     teacher = teacher.to(args.device, memory_format=torch.channels_last).requires_grad_(False)
@@ -752,7 +850,15 @@ def setup(args):
     print(f"teacher: {info['layout']} ResNet-{args.teacher_depth} from {info['path']}")
     print(f"evaluation normalisation ({args.eval_norm}): mean {test.mean} std {test.std}")
     run = Run(args)
-    teacher_top1 = test.top1(teacher)
+    _INTERRUPT["where"] = lambda: (f"before training resumed; continue with: python {script_name()} --resume {run.dir}"
+                                   if args.resume else f"before the first epoch ended: nothing to resume; remove "
+                                                       f"{run.dir} and start again")
+    if args.resume:
+        run.ckpt = run.load_checkpoint()
+    if run.ckpt is not None and run.ckpt.get("teacher_top1") is not None:
+        teacher_top1 = run.ckpt["teacher_top1"]
+    else:
+        teacher_top1 = test.top1(teacher)
     print(f"teacher top-1 {teacher_top1:.2f}  run dir {run.dir}", flush=True)
     if args.epochs == 0:
         run.summary({"teacher_top1": teacher_top1, "final_top1": None, "best_top1": None, "epochs_done": 0,
@@ -762,30 +868,70 @@ def setup(args):
 
 
 class Progress:
-    """The bookkeeping every training loop shares: resume from the checkpoint, then per epoch the NaN check,
-    test-set evaluation, metrics line, atomic checkpoint, console line (with ETA) and --stop-after; at the end the
-    summary and --save-model. `state` maps checkpoint keys to objects with state_dict()/load_state_dict()."""
+    """The bookkeeping every training loop shares: resume from the checkpoint, the progress of an epoch
+    (`iterate`), then per epoch the NaN check, test-set evaluation, metrics line, atomic checkpoint, console line
+    (with ETA) and --stop-after; at the end the summary and --save-model. `state` maps checkpoint keys to objects
+    with state_dict()/load_state_dict(). Epochs are counted from 1 in the console, metrics.jsonl and checkpoint."""
 
     def __init__(self, args, run, test, teacher_top1, state):
         self.args, self.run, self.test, self.teacher_top1, self.state = args, run, test, teacher_top1, state
         self.start_epoch, self.best, self.top1, self.calib_top1, elapsed = 0, 0.0, None, None, 0.0
         if args.resume:
-            ckpt = run.load_checkpoint()
+            ckpt = run.ckpt
             for k, obj in state.items():
                 try:
                     obj.load_state_dict(ckpt[k])
                 except (KeyError, ValueError, RuntimeError) as e:  # e.g. a checkpoint of an older version
                     raise UserError(f"--resume {run.dir}: its checkpoint's {k} does not match this version of "
-                                    f"{args.method}.py ({type(e).__name__}); start a new run")
+                                    f"{script_name()} ({type(e).__name__}); start a new run")
             set_rng_state(ckpt["rng"])
-            self.start_epoch, self.best, self.top1 = ckpt["epoch"] + 1, ckpt["best_top1"], ckpt["top1"]
+            self.start_epoch, self.best, self.top1 = ckpt["epochs_done"], ckpt["best_top1"], ckpt["top1"]
             self.calib_top1, elapsed = ckpt["calib_top1"], ckpt["elapsed"]
-            print(f"resumed {run.dir} after epoch {ckpt['epoch'] + 1}")
-        self.t_start = time.time() - elapsed
+            print(f"resumed {run.dir} after epoch {self.start_epoch}")
+        self.t_start, self.t_session = time.time() - elapsed, time.time()
+        self.epochs_saved, self.epoch_now, self.first_eta_shown = self.start_epoch, None, False
+        _INTERRUPT["where"] = self._where
+
+    def _where(self):
+        a, d = self.args, self.run.dir
+        now = f"in epoch {self.epoch_now + 1}/{a.epochs}" if self.epoch_now is not None else "before the first epoch"
+        if self.epochs_saved == 0:
+            return f"{now}, before the first checkpoint: nothing to resume; remove {d} and start again"
+        return (f"{now}; the checkpoint after epoch {self.epochs_saved} is in {self.run.ckpt_path}; continue with: "
+                f"python {script_name()} --resume {d}")
+
+    def iterate(self, epoch, iterable, total):
+        """Yield the items of one epoch's `total` iterations. After the first few iterations this process runs, one
+        line with the speed and a first ETA; on a terminal, a single line that updates within the epoch. Nothing
+        here waits for the device per iteration (one synchronisation for the first ETA, on a GPU)."""
+        a, tty = self.args, sys.stdout.isatty()
+        self.epoch_now = epoch
+        t0 = t_shown = time.time()
+        t1 = None
+        for i, item in enumerate(iterable):
+            yield item
+            if i == 0:
+                t1 = time.time()  # the first iteration pays one-off set-up costs: time from its end
+            elif i == 3 and not self.first_eta_shown:
+                if str(a.device).startswith("cuda"):
+                    torch.cuda.synchronize()
+                per_it = (time.time() - t1) / 3
+                left = (total - i - 1) * per_it + total * per_it * (a.epochs - epoch - 1)
+                print(f"{per_it:.3g} s/iteration over iterations 2-4: about {fmt_time(total * per_it)} an epoch "
+                      f"of {total}, ETA of the run {fmt_time(left)} ({a.epochs - epoch} epochs left)", flush=True)
+                self.first_eta_shown = True
+            if tty and time.time() - t_shown > 0.5:
+                t_shown = time.time()
+                rate = (i + 1) / (t_shown - t0)
+                print(f"\r  epoch {epoch + 1}/{a.epochs}: iteration {i + 1}/{total} "
+                      f"({fmt_time((total - i - 1) / rate)} left in the epoch)", end="\033[K", flush=True)
+        if tty:
+            print("\r\033[K", end="", flush=True)
 
     def end_epoch(self, epoch, student, losses, lrs, images, train_time, warmup=False, calibration_done=False):
-        """Call once per epoch. losses: name -> epoch mean (float); lrs: name -> lr. calibration_done marks the
-        epoch whose accuracy is the calibrated-only baseline (evaluated whatever --eval-every says)."""
+        """Call once per epoch (`epoch` counts from 0 in the loop). losses: name -> epoch mean (float); lrs: name ->
+        lr. calibration_done marks the epoch whose accuracy is the calibrated-only baseline (evaluated whatever
+        --eval-every says)."""
         a = self.args
         check_finite(losses, epoch)
         last = epoch == a.epochs - 1
@@ -796,24 +942,30 @@ class Progress:
                 self.calib_top1 = self.top1
         elapsed = time.time() - self.t_start
         ips = images / max(train_time, 1e-9)
-        eta = elapsed / (epoch + 1 - self.start_epoch) * (a.epochs - epoch - 1)
-        self.run.log({"epoch": epoch, "iteration": (epoch + 1) * getattr(a, "iters_per_epoch", 0), **losses,
+        eta = (time.time() - self.t_session) / (epoch + 1 - self.start_epoch) * (a.epochs - epoch - 1)
+        _INTERRUPT["defer"] = True  # a signal now waits until the epoch's metrics and checkpoint are written
+        self.run.log({"epoch": epoch + 1, "iteration": (epoch + 1) * getattr(a, "iters_per_epoch", 0), **losses,
                       "eval/top1": self.top1, "eval/best_top1": self.best, **{f"charts/{k}": v for k, v in lrs.items()},
                       "charts/images_per_s": ips, "charts/elapsed_s": elapsed})
-        self.run.save_checkpoint({"epoch": epoch, "best_top1": self.best, "top1": self.top1, "elapsed": elapsed,
-                                  "calib_top1": self.calib_top1, "rng": rng_state(),
-                                  **{k: obj.state_dict() for k, obj in self.state.items()}})
+        self.run.save_checkpoint({"epochs_done": epoch + 1, "best_top1": self.best, "top1": self.top1,
+                                  "elapsed": elapsed, "calib_top1": self.calib_top1, "teacher_top1": self.teacher_top1,
+                                  "rng": rng_state(), **{k: obj.state_dict() for k, obj in self.state.items()}})
+        self.epochs_saved = epoch + 1
         loss_txt = " ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in losses.items())
         top1 = f"{self.top1:.2f}" if self.top1 is not None else "-"
         print(f"epoch {epoch + 1}/{a.epochs}{' (warm-up)' if warmup else ''} | {loss_txt} | top-1 {top1} "
               f"(best {self.best:.2f}) | {ips:.0f} img/s | ETA {fmt_time(eta)}", flush=True)
+        _INTERRUPT["defer"] = False
+        if _INTERRUPT["pending"] is not None:
+            raise Interrupted(_INTERRUPT["pending"])
         if a.stop_after is not None and epoch + 1 >= a.stop_after and not last:
-            print(f"stopped after epoch {epoch + 1}; continue with: python {a.method}.py --resume {self.run.dir}")
+            print(f"stopped after epoch {epoch + 1}; continue with: python {script_name()} --resume {self.run.dir}")
             raise SystemExit(0)
 
     def finish(self, student, model_info, extra=None):
         """Write summary.json (and model.pt with --save-model); model_info says how to rebuild the student."""
         a = self.args
+        _INTERRUPT["where"] = None
         if a.save_model:
             self.run.save_model(student, {**model_info, "mean": self.test.mean, "std": self.test.std})
         wall = time.time() - self.t_start
@@ -838,6 +990,22 @@ def lr_milestones(args):
         print(f"warning: the lr first decays in epoch {min(milestones) + 1}, not after the warm-up: the student "
               f"never trains at its base lr{advice}")
     return milestones
+
+
+def check_warmup(epochs, warmup_epochs):
+    """The generator methods' activation ranges calibrate during the warm-up only: refuse a schedule under which the
+    student would train on uncalibrated ranges, and say so when it would never train."""
+    if epochs == 0:
+        return  # evaluate the teacher only
+    if warmup_epochs < 1:
+        die(f"--warmup-epochs {warmup_epochs}: the activation ranges calibrate during the warm-up only, so with none "
+            "the student trains on uncalibrated ranges (chance level); use at least 1")
+    if warmup_epochs > epochs:
+        die(f"--warmup-epochs {warmup_epochs} is more than --epochs {epochs}: the warm-up would not end and the "
+            f"student would never train; use --epochs above {warmup_epochs}")
+    if warmup_epochs == epochs:
+        print(f"warning: --epochs {epochs} equals --warmup-epochs: the student never trains; this run measures the "
+              "calibrated-only baseline")
 
 
 def set_lr(opt, lr, key="lr"):

@@ -230,7 +230,8 @@ if __name__ == "__main__":
             group["lr"] = lr
         student.train()
         sums = torch.zeros(4, device=device)
-        for x, y in train_batches(x_train, args.batch_size, test.mean, test.std, device, labels=y_train):
+        batches = train_batches(x_train, args.batch_size, test.mean, test.std, device, labels=y_train)
+        for x, y in progress.iterate(epoch, batches, args.iters_per_epoch):
             with torch.no_grad():
                 t_logits, t_feats = teacher.forward_features(x)
             s_logits, s_feats = student.forward_features(x)

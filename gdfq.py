@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, lr_milestones, parse_args,
-                    quantize_model, set_calibrating, set_lr, setup)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, check_warmup,
+                    lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup)
 
 
 def parse(argv=None):
@@ -41,7 +41,9 @@ def parse(argv=None):
     p.add_argument("--ce-weight", type=float, default=1.0,
                    help="weight of the student's CE on the generator's labels (paper: 1; 0 = KD only, an ablation)")
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
-    return parse_args(p, argv)
+    args = parse_args(p, argv)
+    check_warmup(args.epochs, args.warmup_epochs)
+    return args
 
 
 # ALGO LOGIC: the GDFQ conditional generator (common.md section 3)
@@ -122,7 +124,7 @@ if __name__ == "__main__":
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
         sums = torch.zeros(5, device=device)  # summed on the device: no host sync inside the epoch
-        for it in range(args.iters_per_epoch):
+        for it in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
 

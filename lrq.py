@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, die, lr_milestones,
-                    parse_args, quantize_model, set_calibrating, set_lr, setup)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, check_warmup, die,
+                    lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup)
 
 
 def parse(argv=None):
@@ -53,6 +53,7 @@ def parse(argv=None):
                         "value 20); 0: no ramp")
     p.add_argument("--temperature", type=float, default=20.0, help="KL temperature for --kd kl (GDFQ)")
     args = parse_args(p, argv)
+    check_warmup(args.epochs, args.warmup_epochs)
     args.dkd_warmup = getattr(args, "dkd_warmup", 0)  # a run saved before the ramp existed resumes without it
     args.dkd_ce_weight = getattr(args, "dkd_ce_weight", 0.0)
     if args.dkd_warmup < 0:
@@ -209,7 +210,7 @@ if __name__ == "__main__":
         ramp = min(max(epoch + 1 - args.warmup_epochs, 0) / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
         ramp = ramp if args.kd == "dkd" else 1.0
         sums = torch.zeros(5, device=device)
-        for it in range(args.iters_per_epoch):
+        for it in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
 

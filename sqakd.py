@@ -194,7 +194,8 @@ if __name__ == "__main__":
                 group["lr"] = lr * cos
         student.train()
         loss_sum = torch.zeros((), device=device)
-        for x in train_batches(x_train, args.batch_size, test.mean, test.std, device, not args.no_augment):
+        batches = train_batches(x_train, args.batch_size, test.mean, test.std, device, not args.no_augment)
+        for x in progress.iterate(epoch, batches, args.iters_per_epoch):
             with torch.no_grad():
                 t_logits = teacher(x)
             loss = kd_loss(student(x), t_logits, args.temperature)

@@ -1,5 +1,6 @@
 """Fixtures: a tiny CIFAR dataset in the official python layout and random teachers in both weight layouts,
 all written by the tests into temp dirs (nothing is downloaded)."""
+import functools
 import os
 import pickle
 import subprocess
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
 
 from common import CifarResNet  # noqa: E402
@@ -79,10 +79,41 @@ def run_script(args, cwd, timeout=600):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Parity with the reference implementations: outputs of each method's reference code on fixed inputs, kept
-# outside the project (next to it, in the development set-up); the parity tests skip when it is absent.
-FIXTURES = os.path.join(SHARED, "fixtures")
-TEACHER_C10 = os.path.join(SHARED, "teachers", "cifar10_resnet20_chenyaofo.pth")
+# Parity with the reference implementations: tests/fixtures/<method>/ holds outputs of each method's reference code
+# on fixed inputs (see the README in each folder). They are part of the repository: a missing file fails the test.
+# Many parity tests also need the pretrained teacher the fixtures were computed with, chenyaofo's CIFAR-10 ResNet-20
+# (weights are not committed). It is looked up in CLEANQD_TEST_TEACHERS (a folder holding
+# cifar10_resnet20_chenyaofo.pth), else taken from the download cache or downloaded as `--teacher chenyaofo` does.
+# Without it those tests skip, and the run's last lines say so; CLEANQD_REQUIRE_PARITY=1 turns the skip into a failure.
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+TEACHER_HELP = ("set CLEANQD_TEST_TEACHERS to a folder holding cifar10_resnet20_chenyaofo.pth (and, for CIFAR-100, "
+                "cifar100_resnet20_chenyaofo.pth): chenyaofo's ResNet-20 state_dicts; or run once with network access, "
+                "which downloads them")
+
+
+def teacher_path(dataset):
+    """The chenyaofo ResNet-20 teacher for `dataset` as a file path, or None (with the reason) when unavailable."""
+    folder = os.environ.get("CLEANQD_TEST_TEACHERS")
+    if folder:
+        path = os.path.join(folder, f"{dataset}_resnet20_chenyaofo.pth")
+        return (path, None) if os.path.isfile(path) else (None, f"{path} not found")
+    return _downloaded_teacher(dataset)
+
+
+@functools.lru_cache(maxsize=None)
+def _downloaded_teacher(dataset):
+    from common import TEACHERS, UserError, _download
+    try:
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "cleanqd")
+        return _download(*TEACHERS[("chenyaofo", dataset)], cache), None
+    except UserError:
+        return None, f"chenyaofo's {dataset} ResNet-20 is not in the download cache and could not be downloaded"
+
+
+def skip_or_fail(reason):
+    if os.environ.get("CLEANQD_REQUIRE_PARITY") == "1":
+        pytest.fail(f"{reason} (CLEANQD_REQUIRE_PARITY=1)")
+    pytest.skip(reason)
 
 
 def assert_teacher_acc_gen(rows, images_per_epoch):
@@ -94,10 +125,10 @@ def assert_teacher_acc_gen(rows, images_per_epoch):
 
 
 def fixture(method, name):
-    """A reference-output file as a dict; skips the test (with the reason) when the fixtures are absent."""
+    """A reference-output file of tests/fixtures/<method>/ as a dict (a missing file is an error, not a skip)."""
     path = os.path.join(FIXTURES, method, name)
     if not os.path.isfile(path):
-        pytest.skip(f"reference fixtures not found ({path}): parity tests need the shared fixtures folder")
+        pytest.fail(f"parity fixture {path} is missing from this checkout (it is part of the repository)")
     return torch.load(path, weights_only=True)
 
 
@@ -111,12 +142,13 @@ def assert_close(ours, ref, tol, what=""):
     assert diff.norm() <= tol * ref.norm().clamp(min=1e-30), f"{what}: relative L2 error {diff.norm() / ref.norm():.3g}"
 
 
-def shared_teacher():
-    """The CIFAR-10 teacher the fixtures were computed with (skips when absent)."""
+def parity_teacher():
+    """The CIFAR-10 teacher the fixtures were computed with (skips, with the way to get it, when unavailable)."""
     from common import load_teacher
-    if not os.path.isfile(TEACHER_C10):
-        pytest.skip(f"teacher {TEACHER_C10} not found")
-    return load_teacher(TEACHER_C10, "cifar10")[0].to(memory_format=torch.channels_last).requires_grad_(False)
+    path, why = teacher_path("cifar10")
+    if path is None:
+        skip_or_fail(f"parity test needs the pretrained teacher: {why}; {TEACHER_HELP}")
+    return load_teacher(path, "cifar10")[0].to(memory_format=torch.channels_last).requires_grad_(False)
 
 
 def frozen_student(teacher, act_lo, act_hi, wbits=4, abits=4):
@@ -153,3 +185,23 @@ def check_student_step(student, ref, grad_tol):
         assert_close((p.detach() - before[n]).norm(), ref[f"delta_norm/{n}"], grad_tol, f"update norm {n}")
         if f"after/{n}" in ref:
             assert_close(p.detach(), ref[f"after/{n}"], 1e-6, f"after {n}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The end of every run: skipped tests grouped by reason, so that an unchecked parity claim cannot go unnoticed.
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    groups = {}
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        groups.setdefault(reason, []).append(rep.nodeid)
+    terminalreporter.section("skipped, by reason")
+    for reason, ids in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        terminalreporter.write_line(f"{len(ids):4d} skipped: {reason}")
+    parity = sum(1 for rep in skipped if "test_parity_" in rep.nodeid)
+    if parity:
+        terminalreporter.write_line(f"PARITY NOT CHECKED: {parity} parity tests were skipped (reasons above)", red=True,
+                                    bold=True)

@@ -142,6 +142,7 @@ SMOKE = ["--epochs", "2", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--b
          "--milestones-from", "train", "--device", "cpu"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [("ait.py", []), ("ait.py", ["--no-gi"]), ("akt.py", ["--base", "adadfq"]),
                                           ("akt.py", ["--base", "gdfq", "--dataset", "cifar100"])])
 def test_smoke(script, extra, tiny_data, teachers, tmp_path):
@@ -160,6 +161,7 @@ def test_smoke(script, extra, tiny_data, teachers, tmp_path):
         assert rows[-1]["charts/gi_mean_alpha"] >= 1
 
 
+@pytest.mark.slow
 def test_ait_akt_bad_bits(tiny_data, teachers, tmp_path):
     for script in ("ait.py", "akt.py"):
         r = run_script([script, "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--wbits", "1"], cwd=ROOT)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, assert_close, fixture, frozen_student, run_script, shared_teacher
+from conftest import ROOT, assert_close, fixture, frozen_student, run_script, parity_teacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 
@@ -24,6 +24,7 @@ GEN = ["--epochs", "2", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--bat
 REAL = ["--epochs", "2", "--train-subset", "16", "--batch-size", "8"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [("gdfq.py", GEN), ("ait.py", GEN), ("akt.py", GEN),
                                           ("akt.py", GEN + ["--base", "gdfq"]), ("lrq.py", GEN),
                                           ("faqd.py", REAL), ("faqd.py", REAL + ["--fa-type", "ffa"]),
@@ -40,7 +41,7 @@ def test_gdfq_student_step_on_cuda():
     import gdfq
     ref, gen = fixture("gdfq", "student_step.pt"), fixture("gdfq", "generator.pt")
     t_logits = fixture("gdfq", "gen_loss.pt")["t_logits"].cuda()
-    student = frozen_student(shared_teacher().cuda(), ref["act_lo"], ref["act_hi"])
+    student = frozen_student(parity_teacher().cuda(), ref["act_lo"], ref["act_hi"])
     s = student(gen["images"].cuda())
     loss = gdfq.student_loss(s, t_logits, gen["y"].cuda(), 20.0)
     loss.backward()
@@ -54,7 +55,7 @@ def test_ait_batched_gi_step_on_cuda():
     from ait import GradientInundation
     ref = fixture("ait", "gi_step1.pt")
     names = ref["qnames"].split(",") if isinstance(ref["qnames"], str) else list(ref["qnames"])
-    sd = shared_teacher().state_dict()
+    sd = parity_teacher().state_dict()
     params = [torch.nn.Parameter(sd[n].clone().cuda()) for n in names]
     opt = GradientInundation(params, lr=1e-4, wbits=4, threshold=1e-3, momentum=0.9)  # auto: batched on CUDA
     for p, n in zip(params, names):
@@ -69,7 +70,7 @@ def test_ait_batched_gi_step_on_cuda():
 def test_akt_student_step_on_cuda():
     import akt
     ref, gen = fixture("akt", "akt_student_step.pt"), fixture("akt", "adadfq_gen_step.pt")
-    teacher = shared_teacher().cuda()
+    teacher = parity_teacher().cuda()
     student = frozen_student(teacher, gen["act_lo"], gen["act_hi"])
     images = gen["images"].cuda()
     with torch.no_grad():

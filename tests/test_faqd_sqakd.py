@@ -127,6 +127,7 @@ def test_sqakd_initialisation_then_finite_first_step():
     assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in student.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [("faqd.py", []), ("faqd.py", ["--fa-type", "ffa", "--wbits", "2", "--abits", "8"]),
                                           ("sqakd.py", []), ("sqakd.py", ["--quantizer", "lsq", "--delta", "0.2"])])
 def test_smoke(script, extra, tiny_data, teachers, tmp_path):
@@ -140,6 +141,7 @@ def test_smoke(script, extra, tiny_data, teachers, tmp_path):
     assert rows[0]["charts/images_per_s"] > 0 and rows[0]["iteration"] == 4  # 32 images / batch 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,bits,msg", [("faqd.py", ["--wbits", "3"], "not supported by FAQD"),
                                              ("faqd.py", ["--wbits", "4", "--abits", "3"], "--abits 3"),
                                              ("sqakd.py", ["--wbits", "9"], "out of range")])

@@ -22,6 +22,7 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_smoke_end_to_end_and_saved_model(tiny_data, teachers, tmp_path):
     r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "a", "--save-model", "--wbits", "4", "--abits", "6")
     assert r.returncode == 0, r.stderr
@@ -31,7 +32,7 @@ def test_smoke_end_to_end_and_saved_model(tiny_data, teachers, tmp_path):
         assert s[k] is not None, k
     assert s["epochs_done"] == 3 and s["args"]["abits"] == 6 and s["best_top1"] >= s["final_top1"]
     rows = metrics(d)
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # counted from 1, as on the console
     assert rows[-1]["eval/top1"] == s["final_top1"] and rows[0]["eval/top1"] == s["calibrated_top1"]
     assert rows[0]["losses/loss_G"] > 0 and "charts/images_per_s" in rows[0]
     assert_teacher_acc_gen(rows, 2 * 8)
@@ -46,6 +47,7 @@ def test_smoke_end_to_end_and_saved_model(tiny_data, teachers, tmp_path):
     assert EvalData(args, info).top1(model) == pytest.approx(s["final_top1"])
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_run(tiny_data, teachers, tmp_path):
     assert gdfq(tiny_data, teachers, tmp_path, "--run-name", "full").returncode == 0
     r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "cut", "--stop-after", "2")
@@ -67,6 +69,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_data, teachers, tmp_path):
     assert all(torch.equal(sa_model[k], sb_model[k]) for k in sa_model)
 
 
+@pytest.mark.slow
 def test_act_ema_reference_reaches_the_student_and_its_saved_model(tiny_data, teachers, tmp_path):
     """--act-ema reference: the ranges inflate as the reference's (2 updates in the 1-epoch warm-up: x5.3 of a
     steady batch), the counter is checkpointed, and the saved model still loads."""
@@ -86,15 +89,17 @@ def test_act_ema_reference_reaches_the_student_and_its_saved_model(tiny_data, te
     assert EvalData(args, info).top1(model) == pytest.approx(s["final_top1"])
 
 
+@pytest.mark.slow
 def test_nan_stops_cleanly_and_keeps_last_checkpoint(tiny_data, teachers, tmp_path):
     r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "nan", "--lr-s", "1e38")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     # epoch 2 of 3 (the first training epoch; console numbering), after warm-up epoch 1 was checkpointed
     assert "became nan in epoch 2" in r.stderr or "became inf in epoch 2" in r.stderr, r.stderr
     ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
-    assert ckpt["epoch"] == 0 and not (tmp_path / "nan" / "summary.json").exists()
+    assert ckpt["epochs_done"] == 1 and not (tmp_path / "nan" / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_epochs_zero_evaluates_teacher_only(tiny_data, teachers, tmp_path):
     r = run_script(["gdfq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar100"], "--dataset", "cifar100",
                     "--epochs", "0", "--out-dir", str(tmp_path), "--run-name", "t"], cwd=ROOT)
@@ -122,6 +127,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_one_line_exit_2(case, tiny_data, teachers, tmp_path):
     extra, msg = BAD[case]
@@ -138,6 +144,7 @@ def test_bad_input_one_line_exit_2(case, tiny_data, teachers, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_tensorboard_writes_the_logged_metrics_or_says_what_to_install(tiny_data, teachers, tmp_path):
     r = gdfq(tiny_data, teachers, tmp_path, "--run-name", "tb", "--tensorboard")
     try:
@@ -165,6 +172,7 @@ RESUMABLE = {  # every other script: stopped inside its student epochs, then res
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(RESUMABLE))
 def test_every_script_resumes_exactly(case, tiny_data, teachers, tmp_path):
     """A run stopped after epoch 2 and resumed logs exactly what the uninterrupted run logs (optimizer states: GI's
@@ -181,6 +189,7 @@ def test_every_script_resumes_exactly(case, tiny_data, teachers, tmp_path):
     assert len(a) == len(b) == 3 and [[x.get(k) for k in keys] for x in a] == [[x.get(k) for k in keys] for x in b]
 
 
+@pytest.mark.slow
 def test_resume_of_an_incompatible_checkpoint_is_one_line(tiny_data, teachers, tmp_path):
     args = ["faqd.py", "--epochs", "2", "--train-subset", "16", "--batch-size", "8", "--data-dir", tiny_data,
             "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path), "--run-name", "old", "--stop-after", "1"]

@@ -112,12 +112,14 @@ def _run(script, name, tiny_data, teachers, tmp_path, extra=()):
     return json.loads((tmp_path / name / "summary.json").read_text()), rows
 
 
+@pytest.mark.slow
 def test_smoke(tiny_data, teachers, tmp_path):
     s, rows = _run("lrq.py", "r", tiny_data, teachers, tmp_path)
     assert_teacher_acc_gen(rows, 2 * 8)
     assert s["epochs_done"] == 2 and s["final_top1"] is not None and s["args"]["kd"] == "dkd"
 
 
+@pytest.mark.slow
 def test_all_components_off_is_gdfq(tiny_data, teachers, tmp_path):
     """The ablation's baseline: with LKA, AMA and DKD off, lrq.py is GDFQ step for step. Equal to float rounding,
     not bitwise: lrq keeps the teacher's features alive, which moves oneDNN's buffers and so its summation order."""
@@ -131,6 +133,7 @@ def test_all_components_off_is_gdfq(tiny_data, teachers, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_dkd_ramp_scales_the_student_gradient(tiny_data, teachers, tmp_path):
     """In the 1st of N ramp epochs DKD's gradient is x 1/N: with SGD and no weight decay that is the same run as
     no ramp at 1/N of the lr (x 0.5 is exact in floating point)."""
@@ -144,6 +147,7 @@ def test_dkd_ramp_scales_the_student_gradient(tiny_data, teachers, tmp_path):
     assert ramped[1]["losses/loss_S"] != pytest.approx(plain[1]["losses/loss_S"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_dkd_ce_weight_changes_the_student_step(tiny_data, teachers, tmp_path):
     """--dkd-ce-weight 1 (mdistiller's distiller) adds CE to the step: same run otherwise, another student."""
     dkd = ["--no-lka", "--ama-margin", "0", "--dkd-warmup", "0", "--lr-s", "0.05"]

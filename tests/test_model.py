@@ -75,7 +75,7 @@ def test_mismatched_teacher_names_the_keys(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         load_teacher(str(tmp_path / "nope.pth"), "cifar10")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="is not a PyTorch weights file"):
         load_teacher(str(tmp_path / "junk.pth"), "cifar10")
 
 

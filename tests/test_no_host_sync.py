@@ -8,6 +8,7 @@ GPU). Runs with 2 and with 4 iterations per epoch must count the same: whatever 
 """
 import os
 import runpy
+import signal
 import sys
 from collections import Counter
 
@@ -49,6 +50,7 @@ class CountSyncs(TorchDispatchMode):
 def count_syncs(script, argv):
     """Run `script` with `argv` in this process; the syncing operations it dispatched, by name."""
     saved_argv, saved_hook = sys.argv, sys.excepthook
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # the scripts install theirs
     sys.argv = [script, *argv]
     try:
         with CountSyncs() as mode:
@@ -58,6 +60,8 @@ def count_syncs(script, argv):
                 assert e.code in (0, None), f"{script} exited with {e.code}"
     finally:
         sys.argv, sys.excepthook = saved_argv, saved_hook
+        for s, handler in saved_signals.items():
+            signal.signal(s, handler)
     return mode.counts
 
 
@@ -75,6 +79,7 @@ CASES = {  # script, extra flags, (flags for n iterations per epoch)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_no_host_sync_per_iteration(case, tiny_data, teachers, tmp_path, monkeypatch):
     monkeypatch.setenv("CLEANQD_OFFLINE", "1")
@@ -87,6 +92,7 @@ def test_no_host_sync_per_iteration(case, tiny_data, teachers, tmp_path, monkeyp
     assert four == two, f"per-iteration syncs in {script}: {dict(four - two)}"
 
 
+@pytest.mark.slow
 def test_the_counter_catches_a_per_iteration_sync(tiny_data, teachers, tmp_path, monkeypatch):
     """AIT's sequential alpha search reads a value per candidate: the counter must see it grow with the iterations."""
     monkeypatch.setenv("CLEANQD_OFFLINE", "1")

@@ -5,7 +5,7 @@ import torch
 
 from ait import GradientInundation, kd_loss
 from common import weight_codes
-from conftest import assert_close, fixture, frozen_student, names, shared_teacher
+from conftest import assert_close, fixture, frozen_student, names, parity_teacher
 
 
 def qnames(d):
@@ -18,7 +18,7 @@ BATCHED = pytest.mark.parametrize("batched", [False, True], ids=["sequential", "
 def gi_over_teacher(names, batched=False, **kw):
     """Fresh parameters equal to the teacher's weights, under our GI at the reference's settings; `batched` runs
     the search without host synchronisation (CUDA's default), here on the CPU."""
-    sd = shared_teacher().state_dict()
+    sd = parity_teacher().state_dict()
     params = [torch.nn.Parameter(sd[n].clone()) for n in names]
     return params, GradientInundation(params, lr=1e-4, wbits=4, threshold=1e-3, momentum=0.9, batched=batched, **kw)
 
@@ -35,7 +35,7 @@ def test_kl_only_student_loss_and_gradients():
     ref, gen = fixture("ait", "student_kl.pt"), fixture("gdfq", "generator.pt")
     step = fixture("gdfq", "student_step.pt")
     t_logits = fixture("gdfq", "gen_loss.pt")["t_logits"]
-    student = frozen_student(shared_teacher(), step["act_lo"], step["act_hi"])
+    student = frozen_student(parity_teacher(), step["act_lo"], step["act_hi"])
     s = student(gen["images"])
     loss = kd_loss(s, t_logits, 20.0)  # ait.py's default reduction 'mean', x T^2, no CE
     loss.backward()
@@ -130,7 +130,7 @@ def test_gi_second_step_with_momentum(batched):
 def test_plain_sgd_parameters_step():
     """BN and the FC bias: torch's Nesterov SGD, lr 1e-4, momentum 0.9, weight decay 0, as ait.py builds it."""
     ref, kl = fixture("ait", "gi_step1.pt"), fixture("ait", "student_kl.pt")
-    sd = shared_teacher().state_dict()
+    sd = parity_teacher().state_dict()
     for key in [k for k in ref if k.startswith("sgd/after/")]:
         name = key[len("sgd/after/"):]
         p = torch.nn.Parameter(sd[name].clone())

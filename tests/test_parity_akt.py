@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import akt
-from conftest import assert_close, check_student_step, fixture, frozen_student, names, shared_teacher
+from conftest import assert_close, check_student_step, fixture, frozen_student, names, parity_teacher
 
 
 
@@ -41,7 +41,7 @@ def test_adadfq_student_loss(c, scale):
 
 
 def rfd_student_and_teacher(ref):
-    teacher = shared_teacher()
+    teacher = parity_teacher()
     return teacher, frozen_student(teacher, ref["act_lo"], ref["act_hi"], int(ref["wbits"]), int(ref["abits"]))
 
 
@@ -95,7 +95,7 @@ def test_rfd_feature_gradients(dtype):
 
 def test_adadfq_generator_step_through_teacher_and_student():
     ref = fixture("akt", "adadfq_gen_step.pt")
-    teacher = shared_teacher()
+    teacher = parity_teacher()
     student = frozen_student(teacher, ref["act_lo"], ref["act_hi"]).requires_grad_(False)
     bns_loss = akt.BNStatsLoss(teacher)
     images = ref["images"].clone().requires_grad_(True)
@@ -119,7 +119,7 @@ def test_adadfq_generator_step_through_teacher_and_student():
 
 def test_akt_student_step():
     ref, gen = fixture("akt", "akt_student_step.pt"), fixture("akt", "adadfq_gen_step.pt")
-    teacher = shared_teacher()
+    teacher = parity_teacher()
     student = frozen_student(teacher, gen["act_lo"], gen["act_hi"])
     with torch.no_grad():
         t_logits, t_feats = teacher.forward_features(gen["images"], body=True)

@@ -89,6 +89,7 @@ def test_logit_losses():
         assert_close(s.grad, ref[f"{key}_grad_student"], 1e-5, f"{kind} gradient")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["frozen", "learned"])
 def test_alpha_mode_end_to_end(mode, tiny_data, teachers, tmp_path):
     """The reference never updates its steps (none receives a gradient: 10 steps, 0 with a gradient);

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import gdfq
 from common import QConv2d, QLinear, QuantReLU, UpsampleConv3x3, _scale_zero, fake_quant, quantize_model, weight_codes
-from conftest import assert_close, check_student_step, fixture, frozen_student, names, shared_teacher
+from conftest import assert_close, check_student_step, fixture, frozen_student, names, parity_teacher
 
 
 
@@ -19,7 +19,7 @@ def upsample_bypass(monkeypatch):
 
 @pytest.mark.parametrize("k", [3, 4, 5])
 def test_weight_quantizer_exact(k):
-    ref, teacher = fixture("gdfq", "quant_weight.pt"), shared_teacher()
+    ref, teacher = fixture("gdfq", "quant_weight.pt"), parity_teacher()
     subset = names(ref["subset"])
     for name, w in teacher.state_dict().items():
         if f"w{k}/{name}/codes" not in ref:
@@ -76,7 +76,7 @@ def test_calibration_single_quantizer_plain_ema():
 
 
 def test_calibration_whole_model():
-    ref, teacher = fixture("gdfq", "act_calib.pt"), shared_teacher()
+    ref, teacher = fixture("gdfq", "act_calib.pt"), parity_teacher()
     student = quantize_model(teacher, 4, 4).eval()  # calibration on, as built
     relus = dict((n, m) for n, m in student.named_modules() if isinstance(m, QuantReLU))
     order = names(ref["model/names"])
@@ -98,7 +98,7 @@ def test_calibration_reference_ema_matches_the_official_quantizer():
         assert_close(q.hi, ref[f"single/x_max{t}"], 1e-6, f"hi step {t}")
         assert_close(out, ref[f"single/out{t}"], 1e-6, f"out step {t}")
     assert q.hi > 50 * ref["single/plain_hi4"]  # 117.8 where the plain EMA stays at 1.1
-    student = quantize_model(shared_teacher(), 4, 4, act_ema="reference").eval()
+    student = quantize_model(parity_teacher(), 4, 4, act_ema="reference").eval()
     relus = dict((n, m) for n, m in student.named_modules() if isinstance(m, QuantReLU))
     order = names(ref["model/names"])
     for t in range(5):
@@ -136,7 +136,7 @@ def test_generator_images_with_our_upsample_conv():
 
 
 def teacher_generator_loss(images):
-    teacher = shared_teacher()
+    teacher = parity_teacher()
     bns = gdfq.BNStatsLoss(teacher)
     bns.active = True
     t_logits = teacher(images)
@@ -187,7 +187,7 @@ def test_generator_parameter_gradients(bypass, request):
 def test_student_loss_and_sgd_step():
     ref, gen = fixture("gdfq", "student_step.pt"), fixture("gdfq", "generator.pt")
     t_logits = fixture("gdfq", "gen_loss.pt")["t_logits"]
-    student = frozen_student(shared_teacher(), ref["act_lo"], ref["act_hi"])
+    student = frozen_student(parity_teacher(), ref["act_lo"], ref["act_hi"])
     s = student(gen["images"])
     loss = gdfq.student_loss(s, t_logits, gen["y"], 20.0)  # defaults: KL 'mean', CE weight 1
     loss.backward()
