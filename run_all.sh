@@ -16,7 +16,7 @@ RESULTS=results
 usage() {
   cat <<EOF
 usage: ./run_all.sh [options]
-  --budget paper|short|smoke  paper: each paper's recipe (GPU hours); short: a few CPU minutes per run; smoke: seconds (default short)
+  --budget paper|short|smoke  paper: each paper's recipe (GPU hours); short: 3-45 CPU minutes per run; smoke: seconds (default short)
   --methods "gdfq ait ..."    methods to run (default: $METHODS)
   --datasets "cifar10 ..."    datasets (default: $DATASETS)
   --bits "3 4 5"              bit-widths W=A for every method (default: each method's own: zero-shot 3 4 5, faqd 1 2 4, sqakd 1 2 3 4)

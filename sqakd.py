@@ -30,11 +30,15 @@ def parse(argv=None):
     p.add_argument("--quantizer", default="ewgs", choices=["ewgs", "pact", "lsq", "dorefa"],
                    help="quantizer expressed in the unified clip/normalise/discretise/rescale form")
     p.add_argument("--delta", type=float, default=0.0, help="discretisation gradient scaling (0: STE; EWGS: > 0)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training split (1200 / 720)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per iteration (256 / 64)")
-    p.add_argument("--lr", type=float, default=None, help="Adam lr of the model parameters (1e-3 / 5e-4)")
-    p.add_argument("--lr-q", type=float, default=None, help="Adam lr of the quantizer parameters (1e-5 / 5e-6)")
-    p.add_argument("--weight-decay", type=float, default=None, help="model-parameter weight decay (1e-4 / 5e-4)")
+    def per_dataset(k):  # the defaults of these five depend on the dataset (RECIPE, the reference's scripts)
+        return f"default: {RECIPE['cifar10'][k]} on CIFAR-10, {RECIPE['cifar100'][k]} on CIFAR-100"
+    p.add_argument("--epochs", type=int, default=None, help=f"passes over the training split ({per_dataset('epochs')})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per iteration ({per_dataset('batch_size')})")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam lr of the model parameters ({per_dataset('lr')})")
+    p.add_argument("--lr-q", type=float, default=None,
+                   help=f"Adam lr of the quantizer parameters ({per_dataset('lr_q')})")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help=f"model-parameter weight decay ({per_dataset('weight_decay')})")
     p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
     p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
     p.add_argument("--no-augment", action="store_true", help="no random crop + flip")

@@ -137,7 +137,7 @@ def test_bad_input_one_line_exit_2(case, tiny_data, teachers, tmp_path):
     subst = {"C100": teachers["cifar100"], "EMPTY": str(tmp_path / "empty"), "RUNDIR": str(tmp_path / "run")}
     extra = [subst.get(a, a) for a in extra]
     args = ["gdfq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
-            "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "4", *extra]
+            "--epochs", "1", "--warmup-epochs", "1", "--iters-per-epoch", "1", "--batch-size", "4", *extra]
     r = run_script(args, cwd=ROOT)
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
