@@ -918,7 +918,8 @@ class Progress:
                 per_it = (time.time() - t1) / 3
                 left = (total - i - 1) * per_it + total * per_it * (a.epochs - epoch - 1)
                 print(f"{per_it:.3g} s/iteration over iterations 2-4: about {fmt_time(total * per_it)} an epoch "
-                      f"of {total}, ETA of the run {fmt_time(left)} ({a.epochs - epoch} epochs left)", flush=True)
+                      f"of {total}, ETA of the run {fmt_time(left)} (this epoch and {a.epochs - epoch - 1} more)",
+                      flush=True)
                 self.first_eta_shown = True
             if tty and time.time() - t_shown > 0.5:
                 t_shown = time.time()

@@ -203,7 +203,7 @@ def test_first_eta_comes_after_a_few_iterations(tiny_data, teachers, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     first = next(i for i, x in enumerate(lines) if "s/iteration over iterations 2-4" in x)
-    assert "ETA of the run" in lines[first] and "(2 epochs left)" in lines[first]
+    assert "ETA of the run" in lines[first] and "(this epoch and 1 more)" in lines[first]
     assert first < next(i for i, x in enumerate(lines) if x.startswith("epoch 1/2"))
     assert sum("s/iteration" in x for x in lines) == 1
 
@@ -241,3 +241,20 @@ def test_unreadable_teacher_file_says_what_it_is_not(tiny_data, tmp_path):
         r = run(["gdfq.py", "--data-dir", tiny_data, "--teacher", str(path), "--epochs", "0", "--out-dir",
                  str(tmp_path)])
         one_error_line(r, msg)
+
+
+@pytest.mark.slow
+def test_skipped_parity_tests_are_counted_at_the_end_and_can_be_required(tmp_path):
+    """Without the teacher, the parity tests that need it skip and the run's last lines say so; with
+    CLEANQD_REQUIRE_PARITY=1 they fail instead."""
+    env = {**os.environ, "CLEANQD_TEST_TEACHERS": str(tmp_path)}  # an empty folder: no teacher there
+    env.pop("CLEANQD_REQUIRE_PARITY", None)
+    test = "tests/test_parity_gdfq.py::test_student_loss_and_sgd_step"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    tail = r.stdout.strip().splitlines()[-4:]
+    assert r.returncode == 0 and any("PARITY NOT CHECKED: 1 parity tests were skipped" in x for x in tail), r.stdout
+    assert "cifar10_resnet20_chenyaofo.pth not found" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT,
+                       env={**env, "CLEANQD_REQUIRE_PARITY": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "1 failed" in r.stdout, r.stdout
