@@ -15,19 +15,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, UpsampleConv3x3, _scale_zero,
-                    add_common_args, check_warmup, lr_milestones, parse_args, quantize_model, set_calibrating, set_lr,
-                    setup, weight_codes)
+from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, UpsampleConv3x3, add_common_args,
+                    at_least, check_warmup, lr_milestones, method_name, parse_args, quantize_model, scale_zero,
+                    set_calibrating, set_lr, setup, weight_codes)
+
+
+METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
+# How run_all.sh and tools/report.py place this method (see gdfq.py)
+GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2022,
+        "paper": {"cifar10 W4A4": [91.23, "AIT paper (GDFQ+AIT)"], "cifar10 W5A5": [93.41, "AIT paper (GDFQ+AIT)"],
+                  "cifar100 W4A4": [65.80, "AIT paper (GDFQ+AIT)"], "cifar100 W5A5": [69.26, "AIT paper (GDFQ+AIT)"]}}
+
+
+def variant(args):
+    """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
+    if args.get("no_gi"):
+        return f"{METHOD}-nogi"
+    if args.get("gi_result", "midpoint") != "midpoint":
+        return f"{METHOD}-{args['gi_result']}"
+    return METHOD
 
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, "ait")
-    p.add_argument("--epochs", type=int, default=400, help="total epochs, warm-up included (0: evaluate the teacher)")
+    add_common_args(p, METHOD)
+    p.add_argument("--epochs", type=at_least(0), default=400,
+                   help="total epochs, warm-up included (0: evaluate the teacher)")
     p.add_argument("--warmup-epochs", type=int, default=4,
                    help="epochs in which only the generator trains and the activation ranges calibrate")
-    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=200, help="generated images per iteration")
+    p.add_argument("--iters-per-epoch", type=at_least(1), default=200, help="iterations per epoch")
+    p.add_argument("--batch-size", type=at_least(1), default=200, help="generated images per iteration")
     p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD / GI, Nesterov)")
     p.add_argument("--lr-g", type=float, default=1e-3, help="generator learning rate (Adam, betas 0.5/0.999)")
     p.add_argument("--momentum", type=float, default=0.9, help="student momentum")
@@ -43,7 +60,8 @@ def parse(argv=None):
     p.add_argument("--bns-weight", type=float, default=0.1, help="weight of the BNS loss in the generator loss")
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
     p.add_argument("--passing-threshold", type=float, default=1e-3,
-                   help="GI: minimum fraction of a tensor's integer codes that must change per step (x0.1 at milestones)")
+                   help="GI: minimum fraction of a tensor's integer codes that must change per step "
+                        "(x0.1 at milestones)")
     p.add_argument("--alpha-cap", type=float, default=1e9,
                    help="GI: doubling stops once alpha passes this (after the first student epoch the reference has no "
                         "bound; this one binds only on a vanishing gradient, and each hit is counted in the log)")
@@ -56,12 +74,21 @@ def parse(argv=None):
                    help="GI's alpha search (same result): one candidate at a time, or all candidates batched without a "
                         "host synchronisation; auto: batched on CUDA")
     p.add_argument("--no-gi", action="store_true", help="plain Nesterov SGD for every parameter (ablation)")
+    p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
+                   help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
+                        "bias-corrected one, which inflates the ranges for the first ~150 updates")
     args = parse_args(p, argv)
     check_warmup(args.epochs, args.warmup_epochs)
     return args
 
 
-# GDFQ generator and BNS loss, as in gdfq.py (common.md section 3)
+def build_student(args, teacher):
+    """The quantized student: a copy of the teacher, every conv/FC weight per-channel k-bit and every ReLU a
+    calibrated k-bit activation quantizer (common.quantize_model); trained in eval mode (BN statistics frozen)."""
+    return quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
+
+
+# GDFQ generator and BNS loss, as in gdfq.py
 class Generator(nn.Module):
     def __init__(self, num_classes, latent_dim=100, img_size=32):
         super().__init__()
@@ -161,7 +188,7 @@ class GradientInundation(torch.optim.Optimizer):
         def percs(alphas):  # [n] float64 multipliers -> [n] float32 changed fractions, as perc() for each
             steps = (alphas * lr).float().view(shape)  # the scalar a*lr rounded once to float32, as a Python float
             flat = (p.unsqueeze(0) - steps * d.unsqueeze(0)).flatten(2)
-            s, z = _scale_zero(flat.amin(2, keepdim=True), flat.amax(2, keepdim=True), k)
+            s, z = scale_zero(flat.amin(2, keepdim=True), flat.amax(2, keepdim=True), k)
             codes = (flat * s - z).round().clamp(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
             return (codes != weight_codes(p, k)).float().mean((1, 2))
 
@@ -216,7 +243,7 @@ if __name__ == "__main__":
     teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
-    student = quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
+    student = build_student(args, teacher)
     generator = Generator(num_classes, args.latent_dim).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
@@ -232,12 +259,11 @@ if __name__ == "__main__":
         opts["opt_gi"] = GradientInundation(qweights, args.lr_s, args.wbits, args.passing_threshold, args.momentum,
                                             args.weight_decay, args.alpha_cap, args.gi_first_cap, args.gi_result,
                                             {"auto": None, "sequential": False, "batched": True}[args.gi_search])
-    milestones = lr_milestones(args)
+    milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     opt_gi = opts.get("opt_gi")
     progress = Progress(args, run, test, teacher_top1, {"student": student, "generator": generator, **opts})
 
     for epoch in range(progress.start_epoch, args.epochs):
-        t_epoch = time.time()
         warmup = epoch < args.warmup_epochs
         set_calibrating(student, warmup)  # activation ranges follow the generated data during warm-up only
         factor = 0.1 ** sum(epoch >= m for m in milestones)
@@ -247,7 +273,6 @@ if __name__ == "__main__":
             set_lr(opt_gi, args.lr_s * factor)
             set_lr(opt_gi, args.passing_threshold * factor, key="threshold")
             opt_gi.first_epoch, opt_gi.cap_hits = epoch == args.warmup_epochs, 0  # reference: capped in epoch 1 only
-        sums, alpha_sum, gi_time = torch.zeros(5, device=device), 0.0, 0.0
         for it in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -263,11 +288,15 @@ if __name__ == "__main__":
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
+            progress.add("losses/loss_G", loss_g)
+            progress.add("losses/ce_G", ce_g)
+            progress.add("losses/bns", bns)
 
             # ALGO LOGIC: student step: KL only; GI for the quantized weights
             with torch.set_grad_enabled(not warmup):
                 s_logits = student(x.detach())
                 loss_s = kd_loss(s_logits, t_logits.detach(), args.temperature, args.kl_reduction)
+            progress.add("losses/loss_S", loss_s)
             if not warmup:
                 student.zero_grad(set_to_none=True)
                 loss_s.backward()
@@ -275,20 +304,15 @@ if __name__ == "__main__":
                 if opt_gi:
                     t_gi = time.time()
                     opt_gi.step()
-                    gi_time += time.time() - t_gi
-                    alpha_sum += sum(opt_gi.last_alphas) / len(opt_gi.last_alphas)  # a device tensor when batched
-            acc_g = (t_logits.argmax(1) == y).float().mean() * 100  # teacher top-1 on generated images
-            sums += torch.stack([loss_g, ce_g, bns, loss_s, acc_g]).detach()
+                    if device.type == "cpu":  # on a GPU the step is asynchronous: host time would not measure it
+                        progress.add("charts/gi_s_per_iter", time.time() - t_gi)
+                    progress.add("charts/gi_mean_alpha", sum(opt_gi.last_alphas) / len(opt_gi.last_alphas))
+            progress.add("charts/teacher_acc_gen", (t_logits.argmax(1) == y).float().mean() * 100)  # on generated
 
-        n = args.iters_per_epoch
-        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S", "charts/teacher_acc_gen"],
-                          (sums / n).tolist()))
         if opt_gi and not warmup:
-            losses["charts/gi_mean_alpha"], losses["charts/gi_s_per_iter"] = float(alpha_sum) / n, gi_time / n
-            losses["charts/gi_cap_hits"] = int(opt_gi.cap_hits)  # tensor-steps whose doubling a cap stopped
-        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
-                           n * args.batch_size, time.time() - t_epoch, warmup,
+            progress.note("charts/gi_cap_hits", int(opt_gi.cap_hits))  # tensor-steps whose doubling a cap stopped
+        progress.end_epoch(epoch, student, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
+                           args.iters_per_epoch * args.batch_size, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)
 
-    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
-                              "abits": args.abits})
+    progress.finish(student, args.teacher_depth, num_classes)

@@ -11,26 +11,43 @@ Docs: docs/akt.md.
     python akt.py --dataset cifar10 --wbits 3
 """
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, check_warmup,
-                    lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup)
+from common import (NUM_CLASSES, ArgumentParser, BasicBlock, Progress, UpsampleConv3x3, add_common_args, at_least,
+                    check_warmup, lr_milestones, method_name, parse_args, quantize_model, set_calibrating, set_lr,
+                    setup)
+
+
+METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
+# How run_all.sh and tools/report.py place this method (see gdfq.py)
+GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2025,
+        "paper": {f"{ds} W{b}A{b}": [v, "AKT paper (AdaDFQ+AKT)"] for ds, b, v in (
+            ("cifar10", 3, 86.76), ("cifar10", 4, 92.64), ("cifar10", 5, 93.83), ("cifar100", 3, 54.68),
+            ("cifar100", 4, 66.94), ("cifar100", 5, 69.75))},
+        "variant_paper": {"gdfq": {f"{ds} W{b}A{b}": [v, "AKT paper (GDFQ+AKT)"] for ds, b, v in (
+            ("cifar10", 3, 72.80), ("cifar10", 4, 90.33), ("cifar10", 5, 93.36), ("cifar100", 3, 49.06),
+            ("cifar100", 4, 63.37), ("cifar100", 5, 67.46))}}}
+
+
+def variant(args):
+    """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
+    base = args.get("base", "adadfq")
+    return METHOD if base == "adadfq" else f"{METHOD}+{base}"
 
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, "akt")
+    add_common_args(p, METHOD)
     p.add_argument("--base", default="adadfq", choices=["adadfq", "gdfq"],
                    help="zero-shot base: AdaDFQ (released code, the paper's best numbers) or GDFQ")
-    p.add_argument("--epochs", type=int, default=200, help="total epochs, warm-up included (AKT: 200)")
+    p.add_argument("--epochs", type=at_least(0), default=200, help="total epochs, warm-up included (AKT: 200)")
     p.add_argument("--warmup-epochs", type=int, default=4,
                    help="epochs in which only the generator trains and the activation ranges calibrate")
-    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=200, help="generated images per iteration")
+    p.add_argument("--iters-per-epoch", type=at_least(1), default=200, help="iterations per epoch")
+    p.add_argument("--batch-size", type=at_least(1), default=200, help="generated images per iteration")
     p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD, Nesterov)")
     p.add_argument("--lr-g", type=float, default=1e-3, help="generator learning rate (Adam, betas 0.5/0.999)")
     p.add_argument("--momentum", type=float, default=0.9, help="student SGD momentum")
@@ -48,6 +65,9 @@ def parse(argv=None):
     p.add_argument("--bns-weight", type=float, default=None,
                    help="weight of the BNS loss in the generator loss (default: 1.0 for adadfq, 0.1 for gdfq)")
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
+    p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
+                   help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
+                        "bias-corrected one, which inflates the ranges for the first ~150 updates")
     args = parse_args(p, argv)
     check_warmup(args.epochs, args.warmup_epochs)
     if args.bns_weight is None:
@@ -55,7 +75,13 @@ def parse(argv=None):
     return args
 
 
-# GDFQ generator and BNS loss, as in gdfq.py (common.md section 3)
+def build_student(args, teacher):
+    """The quantized student: a copy of the teacher, every conv/FC weight per-channel k-bit and every ReLU a
+    calibrated k-bit activation quantizer (common.quantize_model); trained in eval mode (BN statistics frozen)."""
+    return quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
+
+
+# GDFQ generator and BNS loss, as in gdfq.py
 class Generator(nn.Module):
     def __init__(self, num_classes, latent_dim=100, img_size=32):
         super().__init__()
@@ -91,6 +117,31 @@ class BNStatsLoss:
         loss = loss / len(self.stats)
         self.stats = []
         return loss
+
+
+# ALGO LOGIC: the features RFD distils, read by forward hooks (the shared ResNet knows nothing of them)
+class ResidualBranches:
+    """Keeps every residual unit's branch output (its second BN's output, before the add) during `(model, x)`
+    calls: returns (model(x), the 9 branch outputs in forward order). Hooks are inactive outside those calls."""
+
+    def __init__(self, model):
+        self.feats, self.active = [], False
+        for m in model.modules():
+            if isinstance(m, BasicBlock):
+                m.bn2.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.active:
+            self.feats.append(output)
+
+    def __call__(self, model, x):
+        self.active, self.feats = True, []
+        try:
+            logits = model(x)
+        finally:
+            self.active = False
+        feats, self.feats = self.feats, []
+        return logits, feats
 
 
 # ALGO LOGIC: refined feature distillation (RFD)
@@ -156,24 +207,23 @@ if __name__ == "__main__":
     teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
-    student = quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
+    student = build_student(args, teacher)
     generator = Generator(num_classes, args.latent_dim).to(device).train()
     bns_loss = BNStatsLoss(teacher)
+    t_branches, s_branches = ResidualBranches(teacher), ResidualBranches(student)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
                             weight_decay=args.weight_decay)
-    milestones = lr_milestones(args)
+    milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})
 
     for epoch in range(progress.start_epoch, args.epochs):
-        t_epoch = time.time()
         warmup = epoch < args.warmup_epochs
         set_calibrating(student, warmup)
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
-        sums = torch.zeros(5, device=device)
         for it in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -181,7 +231,7 @@ if __name__ == "__main__":
             # ALGO LOGIC: generator step; the teacher's residual-branch features are kept for RFD
             x = generator(z, y)
             bns_loss.active = True
-            t_logits, t_feats = teacher.forward_features(x, body=True)
+            t_logits, t_feats = t_branches(teacher, x)
             bns_loss.active = False
             bns = bns_loss()
             if args.base == "adadfq":
@@ -196,30 +246,29 @@ if __name__ == "__main__":
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
+            progress.add("losses/loss_G", loss_g)
+            progress.add("losses/bns", bns)
 
             # ALGO LOGIC: student step: base loss + rfd_weight * RFD on the same (detached) images
             t_logits = t_logits.detach()
             with torch.set_grad_enabled(not warmup):
-                s_logits, s_feats = student.forward_features(x.detach(), body=True)
+                s_logits, s_feats = s_branches(student, x.detach())
                 if args.base == "adadfq":
                     base = adadfq_student_loss(t_logits, s_logits, args.temperature, args.entropy_weight)
                 else:
                     base = kd_loss(s_logits, t_logits, args.temperature) + F.cross_entropy(s_logits, y)
-                rfd = rfd_loss(s_feats["body"], t_feats["body"], args.fd_temperature)
+                rfd = rfd_loss(s_feats, t_feats, args.fd_temperature)
                 loss_s = base + args.rfd_weight * rfd
             if not warmup:
                 opt_s.zero_grad(set_to_none=True)
                 loss_s.backward()
                 opt_s.step()
-            acc_g = (t_logits.argmax(1) == y).float().mean() * 100  # teacher top-1 on generated images
-            sums += torch.stack([loss_g, bns, base, rfd, acc_g]).detach()
+            progress.add("losses/base_S", base)
+            progress.add("losses/rfd", rfd)
+            progress.add("charts/teacher_acc_gen", (t_logits.argmax(1) == y).float().mean() * 100)  # on generated
 
-        n = args.iters_per_epoch
-        losses = dict(zip(["losses/loss_G", "losses/bns", "losses/base_S", "losses/rfd", "charts/teacher_acc_gen"],
-                          (sums / n).tolist()))
-        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
-                           n * args.batch_size, time.time() - t_epoch, warmup,
+        progress.end_epoch(epoch, student, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
+                           args.iters_per_epoch * args.batch_size, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)
 
-    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
-                              "abits": args.abits})
+    progress.finish(student, args.teacher_depth, num_classes)

@@ -3,6 +3,7 @@ seeding, and run / checkpoint helpers. No method logic lives here (see docs/prot
 import argparse
 import hashlib
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -73,8 +74,26 @@ class ArgumentParser(argparse.ArgumentParser):
                 a.default = d
 
 
+def method_name(file):
+    """A script's method name: its file name without .py (CleanRL's convention), so a renamed copy is a new method
+    with its own run names, messages and grid rows."""
+    return os.path.splitext(os.path.basename(file))[0]
+
+
+def at_least(least):
+    """An argparse type: an int >= least (else a one-line error naming the flag)."""
+    def parse(text):
+        v = int(text)
+        if v < least:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {least}")
+        return v
+    parse.__name__ = f"int >= {least}"
+    return parse
+
+
 def add_common_args(p, method):
-    """The command-line contract every cleanqd script shares (data, teacher, bits, seeding, run dirs)."""
+    """The command-line contract every cleanqd script shares (data, teacher, bits, seeding, run dirs); `method`
+    names the runs (pass method_name(__file__))."""
     p.add_argument("--dataset", default="cifar10", choices=sorted(NUM_CLASSES), help="dataset")
     p.add_argument("--wbits", type=int, default=4, help="weight bit-width")
     p.add_argument("--abits", type=int, default=None, help="activation bit-width (default: --wbits)")
@@ -90,7 +109,8 @@ def add_common_args(p, method):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--out-dir", default="runs", help="parent folder of the run directory")
     p.add_argument("--run-name", default=None, help="run directory name (default: dataset__method__wXaY__seedS__time)")
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (and last)")
+    p.add_argument("--eval-every", type=at_least(1), default=1,
+                   help="evaluate on the test set every N epochs (and last)")
     p.add_argument("--save-model", action="store_true", help="also save the quantized student as model.pt")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write the logged metrics as TensorBoard scalars under the run directory "
@@ -98,10 +118,6 @@ def add_common_args(p, method):
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop cleanly after this epoch (resumable with --resume), e.g. for time-limited jobs")
-    if method in ("gdfq", "ait", "akt", "lrq"):
-        p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
-                       help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
-                            "bias-corrected one, which inflates the ranges for the first ~150 updates")
     p.set_defaults(method=method)
     return p
 
@@ -189,11 +205,6 @@ def parse_args(p, argv=None, bits=(2, 8)):
         v = getattr(args, name)
         if not (lo <= v <= hi):
             die(f"--{name} {v} is out of range: this quantizer supports {lo} to {hi} bits")
-    for name, least in (("epochs", 0), ("warmup_epochs", 0), ("iters_per_epoch", 1), ("batch_size", 1),
-                        ("eval_every", 1), ("train_subset", 0)):
-        v = getattr(args, name, None)
-        if v is not None and v < least:
-            die(f"--{name.replace('_', '-')} {v} must be at least {least}")
     if getattr(args, "tensorboard", False):
         try:
             importlib.import_module("torch.utils.tensorboard")  # needs the tensorboard package
@@ -225,11 +236,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         body = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        self.body_out = body if self.keep_body else None  # residual-branch output (AKT's feature)
         short = x if self.downsample is None else self.downsample(x)
         return self.relu2(body + short)
-
-    keep_body = False
 
 
 class CifarResNet(nn.Module):
@@ -257,24 +265,15 @@ class CifarResNet(nn.Module):
     def forward(self, x):
         return self.forward_features(x)[0]
 
-    def forward_features(self, x, body=False):
-        """Return (logits, feats): feats["stages"] = the 3 stage outputs, feats["pool"] = the pooled feature,
-        feats["body"] = every unit's residual-branch output (BN output before the add), if body=True."""
-        blocks = [b for layer in (self.layer1, self.layer2, self.layer3) for b in layer]
-        for b in blocks:
-            b.keep_body = body
+    def forward_features(self, x):
+        """Return (logits, feats): feats["stages"] = the 3 stage outputs, feats["pool"] = the pooled feature."""
         x = self.relu(self.bn1(self.conv1(x)))
         stages = []
         for layer in (self.layer1, self.layer2, self.layer3):
             x = layer(x)
             stages.append(x)
         pool = x.mean((2, 3))
-        feats = {"stages": stages, "pool": pool}
-        if body:
-            feats["body"] = [b.body_out for b in blocks]
-            for b in blocks:
-                b.keep_body, b.body_out = False, None
-        return self.fc(pool), feats
+        return self.fc(pool), {"stages": stages, "pool": pool}
 
 
 def _phase_view(t, co, h, w, phases):
@@ -470,7 +469,7 @@ def eval_normalisation(args, info):
 
 # ----------------------------------------------------------------------------------------------------------
 # Quantizer (ZeroQ's, as used by the GDFQ family): asymmetric min/max fake quantization, identity STE.
-def _scale_zero(lo, hi, k):
+def scale_zero(lo, hi, k):
     """ZeroQ's scale s = (2^k-1)/(hi-lo) and integer zero point z = round(s*lo) + 2^(k-1)."""
     s = (2 ** k - 1) / (hi - lo).clamp(min=1e-8)
     return s, torch.round(s * lo) + 2 ** (k - 1)
@@ -480,7 +479,7 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lo, hi, k):
         with torch.no_grad():
-            s, z = _scale_zero(lo, hi, k)
+            s, z = scale_zero(lo, hi, k)
             q = (x * s).sub_(z).round_().clamp_(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
             return q.add_(z).div_(s)
 
@@ -498,7 +497,7 @@ def fake_quant(x, lo, hi, k):
 def weight_codes(w, k):
     """Integer codes of a weight tensor under per-output-channel min/max k-bit quantization (used by AIT)."""
     flat = w.detach().flatten(1)
-    s, z = _scale_zero(flat.amin(1, keepdim=True), flat.amax(1, keepdim=True), k)
+    s, z = scale_zero(flat.amin(1, keepdim=True), flat.amax(1, keepdim=True), k)
     return (flat * s - z).round().clamp(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
 
 
@@ -732,18 +731,53 @@ def seed_everything(seed, deterministic=False):
 
 
 def rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain types, so that a checkpoint loads with weights_only=True."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
 def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_trusted_free(path, what):
+    """torch.load with weights_only=True: opening someone's file cannot run code; a file that needs more is refused
+    with one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read {path} as a {what} ({type(e).__name__}); it was written by another version or "
+                        "holds more than tensors and plain values, which cleanqd does not unpickle")
+
+
+def provenance(script):
+    """Which code made a run: the git commit (and whether tracked files differed from it) of the folder holding the
+    script, or, outside git, a SHA-256 of the script and common.py."""
+    import subprocess
+    folder = os.path.dirname(os.path.abspath(script))
+    try:
+        run = dict(cwd=folder, capture_output=True, text=True, timeout=10, check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip())
+        return {"git_commit": commit, "git_dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        h = hashlib.sha256()
+        for f in (script, __file__):
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+        return {"code_sha256": h.hexdigest()}
 
 
 class Run:
@@ -761,7 +795,7 @@ class Run:
                 raise UserError(f"run directory {self.dir} already exists; use --resume {self.dir} or another name")
             os.makedirs(self.dir, exist_ok=True)
             saved = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_after")}
-            self._write_json("args.json", saved)
+            self._write_json("args.json", {**saved, "provenance": provenance(main_script())})
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.ckpt_path = os.path.join(self.dir, "checkpoint.pt")
         self.ckpt = None  # the checkpoint, once a resume has read it
@@ -794,10 +828,7 @@ class Run:
     def load_checkpoint(self):
         """The checkpoint, with metrics.jsonl trimmed to the epochs it covers (a line written after it, or cut
         short by a kill, is dropped)."""
-        try:
-            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot read {self.ckpt_path} ({type(e).__name__}); the run cannot be resumed")
+        state = load_trusted_free(self.ckpt_path, "checkpoint")
         keep_up_to = state.get("epochs_done")  # metrics rows are numbered like it
         if keep_up_to is None:  # a checkpoint written before epochs were counted from 1 (rows from 0, too)
             state["epochs_done"] = keep_up_to = state["epoch"] + 1
@@ -817,21 +848,51 @@ class Run:
         return state
 
     def save_model(self, model, extra):
-        """model.pt: the quantized student's state_dict (float weights + activation ranges) and how to build it."""
+        """model.pt: the quantized student's state_dict (float weights + quantizer state) and how to rebuild it (the
+        script's name and the run's args: load_quantized calls that script's build_student)."""
         torch.save({"state_dict": model.state_dict(), **extra}, os.path.join(self.dir, "model.pt"))
 
     def summary(self, obj):
-        self._write_json("summary.json", {**obj, "version": __version__})
+        self._write_json("summary.json", {**obj, "version": __version__, "provenance": provenance(main_script())})
+
+
+def main_script():
+    """The path of the script this program runs (its __main__ module)."""
+    main = sys.modules.get("__main__")
+    return getattr(main, "__file__", None) or sys.argv[0]
+
+
+def import_script(name, folder=None):
+    """Import a method script (name.py, from `folder` or next to this file) as a module, without running its main."""
+    for d in [folder, os.path.dirname(os.path.abspath(__file__)), os.getcwd()]:
+        path = os.path.join(d, f"{name}.py") if d else None
+        if path and os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location(f"cleanqd_script_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    raise UserError(f"{name}.py, the script that trained this student, is not next to common.py nor in the current "
+                    "folder; it is needed to rebuild the student")
 
 
 def load_quantized(path, device="cpu"):
-    """Rebuild a student saved with --save-model: returns (model in eval mode with frozen ranges, mean, std)."""
-    blob = torch.load(path, map_location=device, weights_only=False)
-    model = quantize_model(CifarResNet(blob["depth"], blob["num_classes"]), blob["wbits"], blob["abits"])
-    # the reference EMA's update counter (--act-ema reference) only matters while calibrating
-    model.load_state_dict({k: v for k, v in blob["state_dict"].items() if not k.endswith(".beta_t")})
+    """Rebuild a student saved with --save-model: returns (model in eval mode with frozen quantizers, mean, std).
+    The file is read with weights_only=True (no code runs); the student is built by the script that trained it
+    (its build_student(args, teacher_shaped_model)), then its saved state is loaded."""
+    blob = load_trusted_free(path, "saved student (model.pt)")
+    template = CifarResNet(blob["depth"], blob["num_classes"])
+    if "script" in blob:
+        module = import_script(blob["script"], blob.get("script_dir"))
+        args = argparse.Namespace(**{**blob["args"], "device": str(device)})
+        model = module.build_student(args, template)
+    else:  # model.pt written before the script was recorded: the generator methods' ZeroQ student
+        model = quantize_model(template, blob["wbits"], blob["abits"])
+    state = blob["state_dict"]
+    if not any(k.endswith(".beta_t") for k in model.state_dict()):  # --act-ema reference's counter: calibration only
+        state = {k: v for k, v in state.items() if not k.endswith(".beta_t")}
+    model.load_state_dict(state)
     set_calibrating(model, False)
-    return model.to(device).eval(), blob["mean"], blob["std"]
+    return model.to(device).eval(), tuple(blob["mean"]), tuple(blob["std"])
 
 
 def fmt_time(seconds):
@@ -890,6 +951,7 @@ class Progress:
             print(f"resumed {run.dir} after epoch {self.start_epoch}")
         self.t_start, self.t_session = time.time() - elapsed, time.time()
         self.epochs_saved, self.epoch_now, self.first_eta_shown = self.start_epoch, None, False
+        self.sums, self.counts, self.notes, self.iters_per_epoch, self.train_time = {}, {}, {}, 0, 0.0
         _INTERRUPT["where"] = self._where
 
     def _where(self):
@@ -905,7 +967,7 @@ class Progress:
         line with the speed and a first ETA; on a terminal, a single line that updates within the epoch. Nothing
         here waits for the device per iteration (one synchronisation for the first ETA, on a GPU)."""
         a, tty = self.args, sys.stdout.isatty()
-        self.epoch_now = epoch
+        self.epoch_now, self.iters_per_epoch = epoch, total
         t0 = t_shown = time.time()
         t1 = None
         for i, item in enumerate(iterable):
@@ -926,14 +988,40 @@ class Progress:
                 rate = (i + 1) / (t_shown - t0)
                 print(f"\r  epoch {epoch + 1}/{a.epochs}: iteration {i + 1}/{total} "
                       f"({fmt_time((total - i - 1) / rate)} left in the epoch)", end="\033[K", flush=True)
+        self.train_time = time.time() - t0
         if tty:
             print("\r\033[K", end="", flush=True)
 
-    def end_epoch(self, epoch, student, losses, lrs, images, train_time, warmup=False, calibration_done=False):
-        """Call once per epoch (`epoch` counts from 0 in the loop). losses: name -> epoch mean (float); lrs: name ->
-        lr. calibration_done marks the epoch whose accuracy is the calibrated-only baseline (evaluated whatever
+    def add(self, name, value):
+        """Log a quantity where it is computed, once per iteration: end_epoch logs its mean over the epoch (in
+        metrics.jsonl and on the console). A tensor is summed on its device (no host synchronisation); a number
+        is summed on the host."""
+        v = value.detach() if isinstance(value, torch.Tensor) else float(value)
+        self.sums[name] = self.sums[name] + v if name in self.sums else v
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def note(self, name, value):
+        """Log an epoch-level number (not a mean over iterations), e.g. a count, in metrics.jsonl and on the console."""
+        self.notes[name] = value
+
+    def _means(self):
+        names = list(self.sums)
+        tensors = [k for k in names if isinstance(self.sums[k], torch.Tensor)]
+        out = dict(zip(tensors, torch.stack([self.sums[k].float() for k in tensors]).tolist())) if tensors else {}
+        out.update({k: self.sums[k] for k in names if k not in out})
+        means = {k: out[k] / self.counts[k] for k in names}
+        self.sums, self.counts = {}, {}
+        return means
+
+    def end_epoch(self, epoch, student, charts, images, warmup=False, calibration_done=False):
+        """Call once per epoch (`epoch` counts from 0 in the loop), after the `iterate` loop. Logs the means of what
+        was `add`ed and the `note`d values (console and metrics.jsonl) and `charts` (name -> value, e.g. the lrs;
+        metrics.jsonl only, as charts/NAME); `images`: how many the epoch trained on, for the speed.
+        calibration_done marks the epoch whose accuracy is the calibrated-only baseline (evaluated whatever
         --eval-every says)."""
         a = self.args
+        losses, train_time = {**self._means(), **self.notes}, self.train_time
+        self.notes = {}
         check_finite(losses, epoch)
         last = epoch == a.epochs - 1
         if (epoch + 1) % a.eval_every == 0 or last or calibration_done:
@@ -945,8 +1033,9 @@ class Progress:
         ips = images / max(train_time, 1e-9)
         eta = (time.time() - self.t_session) / (epoch + 1 - self.start_epoch) * (a.epochs - epoch - 1)
         _INTERRUPT["defer"] = True  # a signal now waits until the epoch's metrics and checkpoint are written
-        self.run.log({"epoch": epoch + 1, "iteration": (epoch + 1) * getattr(a, "iters_per_epoch", 0), **losses,
-                      "eval/top1": self.top1, "eval/best_top1": self.best, **{f"charts/{k}": v for k, v in lrs.items()},
+        self.run.log({"epoch": epoch + 1, "iteration": (epoch + 1) * self.iters_per_epoch, **losses,
+                      "eval/top1": self.top1, "eval/best_top1": self.best,
+                      **{f"charts/{k}": v for k, v in charts.items()},
                       "charts/images_per_s": ips, "charts/elapsed_s": elapsed})
         self.run.save_checkpoint({"epochs_done": epoch + 1, "best_top1": self.best, "top1": self.top1,
                                   "elapsed": elapsed, "calib_top1": self.calib_top1, "teacher_top1": self.teacher_top1,
@@ -963,12 +1052,17 @@ class Progress:
             print(f"stopped after epoch {epoch + 1}; continue with: python {script_name()} --resume {self.run.dir}")
             raise SystemExit(0)
 
-    def finish(self, student, model_info, extra=None):
-        """Write summary.json (and model.pt with --save-model); model_info says how to rebuild the student."""
+    def finish(self, student, depth, num_classes, extra=None):
+        """Write summary.json (and model.pt with --save-model, which load_quantized rebuilds through the script's
+        build_student(args, model of this depth and class count))."""
         a = self.args
         _INTERRUPT["where"] = None
         if a.save_model:
-            self.run.save_model(student, {**model_info, "mean": self.test.mean, "std": self.test.std})
+            script = main_script()
+            self.run.save_model(student, {"script": method_name(script), "script_dir": os.path.dirname(
+                os.path.abspath(script)), "args": {k: v for k, v in vars(a).items() if k != "provenance"},
+                "depth": depth, "num_classes": num_classes, "wbits": a.wbits, "abits": a.abits,
+                "mean": list(self.test.mean), "std": list(self.test.std)})
         wall = time.time() - self.t_start
         self.run.summary({"teacher_top1": self.teacher_top1, "calibrated_top1": self.calib_top1,
                           "final_top1": self.top1, "best_top1": self.best, "epochs_done": a.epochs,
@@ -977,16 +1071,14 @@ class Progress:
               f"wall {fmt_time(wall)}; summary in {os.path.join(self.run.dir, 'summary.json')}")
 
 
-def lr_milestones(args):
-    """Epochs from which the learning rates are x0.1 (the family's step schedule): fractions `args.milestones` of
-    all epochs ('all': exactly 100/200/300 of 400, as the reference's `epoch + 1 > milestone`) or of the
-    post-warm-up epochs, offset by the warm-up ('train', for short runs). Warns if the student would never train
-    at its base lr."""
-    start, span = (0, args.epochs) if args.milestones_from == "all" else (args.warmup_epochs,
-                                                                          args.epochs - args.warmup_epochs)
-    milestones = [start + round(f * span) for f in args.milestones]
-    if args.epochs > args.warmup_epochs and milestones and min(milestones) <= args.warmup_epochs:
-        advice = " (use --milestones-from train for short runs)" if args.milestones_from == "all" else \
+def lr_milestones(epochs, warmup_epochs, fractions, frm):
+    """Epochs from which the learning rates are x0.1 (the family's step schedule): `fractions` of all epochs
+    (frm 'all': exactly 100/200/300 of 400, as the reference's `epoch + 1 > milestone`) or of the post-warm-up epochs,
+    offset by the warm-up (frm 'train', for short runs). Warns if the student would never train at its base lr."""
+    start, span = (0, epochs) if frm == "all" else (warmup_epochs, epochs - warmup_epochs)
+    milestones = [start + round(f * span) for f in fractions]
+    if epochs > warmup_epochs and milestones and min(milestones) <= warmup_epochs:
+        advice = " (use --milestones-from train for short runs)" if frm == "all" else \
             " (too few student epochs for these --milestones)"
         print(f"warning: the lr first decays in epoch {min(milestones) + 1}, not after the warm-up: the student "
               f"never trains at its base lr{advice}")

@@ -10,24 +10,37 @@ similarity between every pair of spatial positions) at the three stage outputs. 
     python faqd.py --dataset cifar10 --wbits 4 --abits 4
 """
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, CifarResNet, Progress, add_common_args, die, load_cifar,
-                    parse_args, setup, swap_modules, train_batches)
+from common import (NUM_CLASSES, ArgumentParser, CifarResNet, Progress, add_common_args, at_least, die, load_cifar,
+                    method_name, parse_args, setup, swap_modules, train_batches)
 
 WBITS, ABITS = (1, 2, 4), (1, 2, 4, 8)
+METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
+# How run_all.sh and tools/report.py place this method (see gdfq.py)
+GRID = {"kind": "label-free", "bits": [1, 2, 4], "supported_bits": [1, 2, 4], "year": 2023,
+        "note": "published numbers not readable here"}
+
+
+def variant(args):
+    """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
+    if args.get("float_acts"):
+        return f"{METHOD}-floatacts"
+    if args.get("alpha_mode", "learned") != "learned":
+        return f"{METHOD}-{args['alpha_mode']}"
+    return METHOD
 
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, "faqd")
-    p.add_argument("--epochs", type=int, default=200, help="passes over the training split (0: evaluate the teacher)")
-    p.add_argument("--batch-size", type=int, default=100, help="real training images per iteration")
-    p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
+    add_common_args(p, METHOD)
+    p.add_argument("--epochs", type=at_least(0), default=200,
+                   help="passes over the training split (0: evaluate the teacher)")
+    p.add_argument("--batch-size", type=at_least(1), default=100, help="real training images per iteration")
+    p.add_argument("--train-subset", type=at_least(0), default=0, help="use only the first N training images (0: all)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD (Nesterov) learning rate, cosine decay over the epochs")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
@@ -50,13 +63,13 @@ def parse(argv=None):
     p.add_argument("--student-depth", type=int, default=None, help="student ResNet depth (default: the teacher's)")
     p.add_argument("--from-scratch", action="store_true",
                    help="random student init (the paper's end-to-end mode) instead of the teacher's weights")
-    args = parse_args(p, argv, bits=(1, 8))
+    args = parse_args(p, argv, bits=(1, 32))  # 32: float activations (--float-acts), as a resumed run saved them
     if args.wbits not in WBITS:
         die(f"--wbits {args.wbits} is not supported by FAQD's weight projections; choose from {WBITS}")
-    if args.abits not in ABITS:
-        die(f"--abits {args.abits} is not supported by FAQD's quantized ReLU; choose from {ABITS}")
     if args.float_acts:
         args.abits = 32  # float activations: the run name and summary say so
+    elif args.abits not in ABITS:
+        die(f"--abits {args.abits} is not supported by FAQD's quantized ReLU; choose from {ABITS}")
     args.student_depth = args.student_depth or args.teacher_depth
     return args
 
@@ -175,10 +188,10 @@ class GeneratorState:
         self.gen.set_state(d["state"])
 
 
-def build_student(args, teacher, num_classes):
+def build_student(args, teacher):
     """The student ResNet (teacher weights unless --from-scratch) with FAQD's quantizers: every conv projected
     (first conv included), every ReLU a FAQDReLU (unless --float-acts), the FC full precision."""
-    student = CifarResNet(args.student_depth, num_classes)
+    student = CifarResNet(args.student_depth, teacher.num_classes)
     if not args.from_scratch:
         if args.student_depth != args.teacher_depth:
             die("--student-depth differs from the teacher's: fine-tuning needs the same depth; add --from-scratch")
@@ -208,7 +221,7 @@ if __name__ == "__main__":
     if args.iters_per_epoch == 0:
         die(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")
 
-    student = build_student(args, teacher, num_classes)
+    student = build_student(args, teacher)
     adapters = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU()) for c in (16, 32, 64)).to(device)
     alphas = [m.alpha for m in student.modules() if isinstance(m, FAQDReLU)]
     for a in alphas:
@@ -224,12 +237,10 @@ if __name__ == "__main__":
         print(f"student top-1 before training {progress.calib_top1:.2f}", flush=True)
 
     for epoch in range(progress.start_epoch, args.epochs):
-        t_epoch = time.time()
         lr = 0.5 * args.lr * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine over the epochs
         for group in opt.param_groups:
             group["lr"] = lr
         student.train()
-        sums = torch.zeros(4, device=device)
         batches = train_batches(x_train, args.batch_size, test.mean, test.std, device, labels=y_train)
         for x, y in progress.iterate(epoch, batches, args.iters_per_epoch):
             with torch.no_grad():
@@ -245,11 +256,11 @@ if __name__ == "__main__":
             loss.backward()
             nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)  # the reference clips the student only
             opt.step()
-            sums += torch.stack([loss, kd, fa, ce]).detach()
+            progress.add("losses/loss", loss)
+            progress.add("losses/kd", kd)
+            progress.add("losses/fa", fa)
+            progress.add("losses/ce", ce)
         student.eval()
-        n = args.iters_per_epoch
-        losses = dict(zip(["losses/loss", "losses/kd", "losses/fa", "losses/ce"], (sums / n).tolist()))
-        progress.end_epoch(epoch, student, losses, {"lr": lr}, n * args.batch_size, time.time() - t_epoch)
+        progress.end_epoch(epoch, student, {"lr": lr}, args.iters_per_epoch * args.batch_size)
 
-    progress.finish(student, {"depth": args.student_depth, "num_classes": num_classes, "wbits": args.wbits,
-                              "abits": args.abits, "quantizer": "faqd"})
+    progress.finish(student, args.student_depth, num_classes)

@@ -13,18 +13,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, check_warmup,
-                    lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, at_least, check_warmup,
+                    lr_milestones, method_name, parse_args, quantize_model, set_calibrating, set_lr, setup)
+
+METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
+# How run_all.sh and tools/report.py place this method: its kind (which budget it gets), the bit-widths it runs by
+# default and the ones it supports (W = A), the paper's year (table order) and its published numbers.
+GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2020,
+        "paper": {"cifar10 W3A3": [75.11, "GDFQ re-run by AdaDFQ"], "cifar10 W4A4": [90.25, "GDFQ paper"],
+                  "cifar10 W5A5": [93.38, "GDFQ paper"], "cifar100 W3A3": [47.61, "GDFQ re-run by AdaDFQ"],
+                  "cifar100 W4A4": [63.39, "GDFQ paper"], "cifar100 W5A5": [66.12, "GDFQ paper"]}}
+
+
+def variant(args):
+    """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
+    return METHOD
 
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, "gdfq")
-    p.add_argument("--epochs", type=int, default=400, help="total epochs, warm-up included (0: evaluate the teacher)")
+    add_common_args(p, METHOD)
+    p.add_argument("--epochs", type=at_least(0), default=400,
+                   help="total epochs, warm-up included (0: evaluate the teacher)")
     p.add_argument("--warmup-epochs", type=int, default=4,
                    help="epochs in which only the generator trains and the activation ranges calibrate")
-    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=200, help="generated images per iteration")
+    p.add_argument("--iters-per-epoch", type=at_least(1), default=200, help="iterations per epoch")
+    p.add_argument("--batch-size", type=at_least(1), default=200, help="generated images per iteration")
     p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD, Nesterov)")
     p.add_argument("--lr-g", type=float, default=1e-3, help="generator learning rate (Adam, betas 0.5/0.999)")
     p.add_argument("--momentum", type=float, default=0.9, help="student SGD momentum")
@@ -41,12 +55,21 @@ def parse(argv=None):
     p.add_argument("--ce-weight", type=float, default=1.0,
                    help="weight of the student's CE on the generator's labels (paper: 1; 0 = KD only, an ablation)")
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
+    p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
+                   help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
+                        "bias-corrected one, which inflates the ranges for the first ~150 updates")
     args = parse_args(p, argv)
     check_warmup(args.epochs, args.warmup_epochs)
     return args
 
 
-# ALGO LOGIC: the GDFQ conditional generator (common.md section 3)
+def build_student(args, teacher):
+    """The quantized student: a copy of the teacher, every conv/FC weight per-channel k-bit and every ReLU a
+    calibrated k-bit activation quantizer (common.quantize_model); trained in eval mode (BN statistics frozen)."""
+    return quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
+
+
+# ALGO LOGIC: the GDFQ conditional generator
 class Generator(nn.Module):
     def __init__(self, num_classes, latent_dim=100, img_size=32):
         super().__init__()
@@ -105,25 +128,22 @@ if __name__ == "__main__":
     teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
-    # student: quantized copy of the teacher, trained in eval mode (BN running stats frozen, gamma/beta train)
-    student = quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
+    student = build_student(args, teacher)
     generator = Generator(num_classes, args.latent_dim).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
                             weight_decay=args.weight_decay)
-    milestones = lr_milestones(args)
+    milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     progress = Progress(args, run, test, teacher_top1,  # resumes all of these from the checkpoint with --resume
                         {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})
 
     for epoch in range(progress.start_epoch, args.epochs):
-        t_epoch = time.time()
         warmup = epoch < args.warmup_epochs
         set_calibrating(student, warmup)  # activation ranges follow the generated data during warm-up only
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
-        sums = torch.zeros(5, device=device)  # summed on the device: no host sync inside the epoch
         for it in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -139,6 +159,9 @@ if __name__ == "__main__":
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
+            progress.add("losses/loss_G", loss_g)  # logged as epoch means; summed on the device, no host sync
+            progress.add("losses/ce_G", ce_g)
+            progress.add("losses/bns", bns)
 
             # ALGO LOGIC: student step on the same (detached) images: KD(T=20) + CE; no update during warm-up
             t_logits = t_logits.detach()
@@ -149,15 +172,11 @@ if __name__ == "__main__":
                 opt_s.zero_grad(set_to_none=True)
                 loss_s.backward()
                 opt_s.step()
-            acc_g = (t_logits.argmax(1) == y).float().mean() * 100  # teacher top-1 on generated images
-            sums += torch.stack([loss_g, ce_g, bns, loss_s, acc_g]).detach()
+            progress.add("losses/loss_S", loss_s)
+            progress.add("charts/teacher_acc_gen", (t_logits.argmax(1) == y).float().mean() * 100)  # on generated
 
-        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S",
-                          "charts/teacher_acc_gen"],
-                          (sums / args.iters_per_epoch).tolist()))
-        progress.end_epoch(epoch, student, losses, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
-                           args.iters_per_epoch * args.batch_size, time.time() - t_epoch, warmup,
+        progress.end_epoch(epoch, student, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
+                           args.iters_per_epoch * args.batch_size, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)
 
-    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
-                              "abits": args.abits})
+    progress.finish(student, args.teacher_depth, num_classes)

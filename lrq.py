@@ -9,24 +9,41 @@ GDFQ loop. No number produced by this script is LRQ's own result. Docs: docs/lrq
 
     python lrq.py --dataset cifar10 --wbits 4
 """
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, check_warmup, die,
-                    lr_milestones, parse_args, quantize_model, set_calibrating, set_lr, setup)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, at_least, check_warmup,
+                    lr_milestones, method_name, parse_args, quantize_model, set_calibrating, set_lr, setup)
+
+
+METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
+# How run_all.sh and tools/report.py place this method (see gdfq.py)
+GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2023,
+        "note": "our reading of the abstract; no LRQ number exists"}
+
+
+def variant(args):
+    """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
+    margin = args.get("ama_margin", 0)
+    on = (["lka"] if not args.get("no_lka") else []) + ([f"ama{margin:g}"] if margin > 0 else []) \
+        + (["dkd"] if args.get("kd", "dkd") == "dkd" else [])
+    dkd = "" if args.get("kd", "dkd") != "dkd" else (
+        (f"-b{args['dkd_beta']:g}" if args.get("dkd_beta", 8.0) != 8.0 else "")
+        + ("-ce" if args.get("dkd_ce_weight", 0.0) else ""))
+    return (METHOD if len(on) == 3 else f"{METHOD}:" + ("+".join(on) or "none")) + dkd  # the components that are on
 
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, "lrq")
-    p.add_argument("--epochs", type=int, default=400, help="total epochs, warm-up included (0: evaluate the teacher)")
+    add_common_args(p, METHOD)
+    p.add_argument("--epochs", type=at_least(0), default=400,
+                   help="total epochs, warm-up included (0: evaluate the teacher)")
     p.add_argument("--warmup-epochs", type=int, default=4,
                    help="epochs in which only the generator trains and the activation ranges calibrate")
-    p.add_argument("--iters-per-epoch", type=int, default=200, help="iterations per epoch")
-    p.add_argument("--batch-size", type=int, default=200, help="generated images per iteration")
+    p.add_argument("--iters-per-epoch", type=at_least(1), default=200, help="iterations per epoch")
+    p.add_argument("--batch-size", type=at_least(1), default=200, help="generated images per iteration")
     p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD, Nesterov)")
     p.add_argument("--lr-g", type=float, default=1e-3, help="generator learning rate (Adam, betas 0.5/0.999)")
     p.add_argument("--momentum", type=float, default=0.9, help="student SGD momentum")
@@ -48,17 +65,22 @@ def parse(argv=None):
     p.add_argument("--dkd-ce-weight", type=float, default=0.0,
                    help="DKD: weight of a CE on the generator's labels beside DKD "
                         "(mdistiller's distiller: 1, not ramped)")
-    p.add_argument("--dkd-warmup", type=int, default=20,
+    p.add_argument("--dkd-warmup", type=at_least(0), default=20,
                    help="DKD's linear ramp: the DKD loss is x min(e / N, 1) in the e-th student epoch (DKD's CIFAR "
                         "value 20); 0: no ramp")
     p.add_argument("--temperature", type=float, default=20.0, help="KL temperature for --kd kl (GDFQ)")
+    p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
+                   help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
+                        "bias-corrected one, which inflates the ranges for the first ~150 updates")
     args = parse_args(p, argv)
     check_warmup(args.epochs, args.warmup_epochs)
-    args.dkd_warmup = getattr(args, "dkd_warmup", 0)  # a run saved before the ramp existed resumes without it
-    args.dkd_ce_weight = getattr(args, "dkd_ce_weight", 0.0)
-    if args.dkd_warmup < 0:
-        die(f"--dkd-warmup {args.dkd_warmup} must be at least 0")
     return args
+
+
+def build_student(args, teacher):
+    """The quantized student: a copy of the teacher, every conv/FC weight per-channel k-bit and every ReLU a
+    calibrated k-bit activation quantizer (common.quantize_model); trained in eval mode (BN statistics frozen)."""
+    return quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
 
 
 class DilatedDepthwiseConv(nn.Conv2d):
@@ -108,7 +130,7 @@ class LKABlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """GDFQ's generator (common.md section 3) with an LKA block after each upsampling conv stage."""
+    """GDFQ's generator with an LKA block after each upsampling conv stage."""
 
     def __init__(self, num_classes, latent_dim=100, img_size=32, lka=True):
         super().__init__()
@@ -188,18 +210,17 @@ if __name__ == "__main__":
     teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
-    student = quantize_model(teacher, args.wbits, args.abits, args.act_ema).requires_grad_(True).eval()
+    student = build_student(args, teacher)
     generator = Generator(num_classes, args.latent_dim, lka=not args.no_lka).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
                             weight_decay=args.weight_decay)
-    milestones = lr_milestones(args)
+    milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})
 
     for epoch in range(progress.start_epoch, args.epochs):
-        t_epoch = time.time()
         warmup = epoch < args.warmup_epochs
         set_calibrating(student, warmup)
         factor = 0.1 ** sum(epoch >= m for m in milestones)
@@ -209,7 +230,6 @@ if __name__ == "__main__":
         # 0 during the warm-up, when the student takes no step
         ramp = min(max(epoch + 1 - args.warmup_epochs, 0) / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
         ramp = ramp if args.kd == "dkd" else 1.0
-        sums = torch.zeros(5, device=device)
         for it in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
@@ -225,6 +245,9 @@ if __name__ == "__main__":
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
+            progress.add("losses/loss_G", loss_g)
+            progress.add("losses/ce_G", ce_g)
+            progress.add("losses/bns", bns)
 
             # ALGO LOGIC: student step: DKD with the generator's labels (or GDFQ's KL + CE)
             t_logits = t_logits.detach()
@@ -240,15 +263,11 @@ if __name__ == "__main__":
                 opt_s.zero_grad(set_to_none=True)
                 loss_step.backward()  # loss_S is logged without the ramp (and without the DKD's CE)
                 opt_s.step()
-            acc_g = (t_logits.argmax(1) == y).float().mean() * 100  # teacher top-1 on generated images
-            sums += torch.stack([loss_g, ce_g, bns, loss_s, acc_g]).detach()
+            progress.add("losses/loss_S", loss_s)
+            progress.add("charts/teacher_acc_gen", (t_logits.argmax(1) == y).float().mean() * 100)  # on generated
 
-        n = args.iters_per_epoch
-        losses = dict(zip(["losses/loss_G", "losses/ce_G", "losses/bns", "losses/loss_S", "charts/teacher_acc_gen"],
-                          (sums / n).tolist()))
         charts = {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor, "dkd_ramp": ramp}
-        progress.end_epoch(epoch, student, losses, charts, n * args.batch_size, time.time() - t_epoch, warmup,
+        progress.end_epoch(epoch, student, charts, args.iters_per_epoch * args.batch_size, warmup,
                            calibration_done=epoch == args.warmup_epochs - 1)
 
-    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
-                              "abits": args.abits})
+    progress.finish(student, args.teacher_depth, num_classes)

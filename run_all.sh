@@ -9,17 +9,26 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 
+# The methods are the scripts that declare a GRID (tools/grid.py): name, kind, default bits, supported bits
+declare -A KIND DEFAULT_BITS SUPPORTED_BITS
+ALL_METHODS=""
+while read -r name kind bits supported; do
+  KIND[$name]=$kind; DEFAULT_BITS[$name]=${bits//,/ }; SUPPORTED_BITS[$name]=" ${supported//,/ } "
+  ALL_METHODS="$ALL_METHODS $name"
+done < <(python tools/grid.py)
+ALL_METHODS=${ALL_METHODS# }
+
 BUDGET=short; JOBS=1; DATA_DIR=./data; TEACHER_DIR=""; TEACHER=""; OUT=results/runs; SEEDS="0 1 2"
-METHODS="gdfq ait akt lrq faqd sqakd"; DATASETS="cifar10 cifar100"; BITS=""; DRY=0; REPORT_ONLY=0; EXTRA=""
+METHODS="$ALL_METHODS"; DATASETS="cifar10 cifar100"; BITS=""; DRY=0; REPORT_ONLY=0; EXTRA=""
 RESULTS=results
 
 usage() {
   cat <<EOF
 usage: ./run_all.sh [options]
   --budget paper|short|smoke  paper: each paper's recipe (GPU hours); short: 3-45 CPU minutes per run; smoke: seconds (default short)
-  --methods "gdfq ait ..."    methods to run (default: $METHODS)
+  --methods "NAME ..."        methods (scripts declaring a GRID) to run (default: $METHODS)
   --datasets "cifar10 ..."    datasets (default: $DATASETS)
-  --bits "3 4 5"              bit-widths W=A for every method (default: each method's own: zero-shot 3 4 5, faqd 1 2 4, sqakd 1 2 3 4)
+  --bits "3 4 5"              bit-widths W=A for every method (default: each method's own, from its GRID)
   --seeds "0 1 2"             seeds (default: $SEEDS)
   --jobs N                    runs at once; spread over the visible GPUs when there are any (default 1)
   --data-dir DIR              CIFAR folder passed to every run (default ./data)
@@ -57,25 +66,15 @@ done
 case "$BUDGET" in paper|short|smoke) ;; *) echo "error: --budget must be paper, short or smoke" >&2; exit 2;; esac
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs must be a positive integer" >&2; exit 2; }
 
-# Budgets. Generator methods (gdfq ait akt lrq) share one recipe; the real-data methods (faqd sqakd) another.
+# Budgets, one per kind of method (a script's GRID names its kind): the zero-shot (generator) methods share one
+# recipe, the label-free (real-data) methods another.
 case "$BUDGET" in
-  paper) GEN_ARGS=""; REAL_ARGS="";;
-  short) GEN_ARGS="--batch-size 64 --iters-per-epoch 50 --warmup-epochs 4 --epochs 16 --milestones-from train"
-         REAL_ARGS="--epochs 2 --train-subset 10000";;
-  smoke) GEN_ARGS="--batch-size 8 --iters-per-epoch 2 --warmup-epochs 1 --epochs 2 --milestones-from train"
-         REAL_ARGS="--epochs 1 --train-subset 32 --batch-size 8";;
+  paper) ZERO_SHOT_ARGS=""; LABEL_FREE_ARGS="";;
+  short) ZERO_SHOT_ARGS="--batch-size 64 --iters-per-epoch 50 --warmup-epochs 4 --epochs 16 --milestones-from train"
+         LABEL_FREE_ARGS="--epochs 2 --train-subset 10000";;
+  smoke) ZERO_SHOT_ARGS="--batch-size 8 --iters-per-epoch 2 --warmup-epochs 1 --epochs 2 --milestones-from train"
+         LABEL_FREE_ARGS="--epochs 1 --train-subset 32 --batch-size 8";;
 esac
-
-default_bits() {
-  case "$1" in faqd) echo "1 2 4";; sqakd) echo "1 2 3 4";; *) echo "3 4 5";; esac
-}
-valid_bits() {  # method bits -> 0 if the method supports W=A=bits
-  case "$1" in
-    faqd) [[ " 1 2 4 " == *" $2 "* ]];;
-    sqakd) [ "$2" -ge 1 ] && [ "$2" -le 8 ];;
-    *) [ "$2" -ge 2 ] && [ "$2" -le 8 ];;
-  esac
-}
 
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$NGPU" -gt 0 ]; then THREADS=0; else THREADS=$(( $(nproc) / JOBS )); [ "$THREADS" -lt 1 ] && THREADS=1; fi
@@ -95,10 +94,14 @@ if [ "$REPORT_ONLY" = 0 ]; then
       teacher_arg="--teacher $t"
     fi
     for m in $METHODS; do
-      [ -f "$m.py" ] || { echo "error: unknown method $m (no $m.py)" >&2; exit 2; }
-      case "$m" in faqd|sqakd) budget_args="$REAL_ARGS";; *) budget_args="$GEN_ARGS";; esac
-      for b in ${BITS:-$(default_bits "$m")}; do
-        valid_bits "$m" "$b" || { echo "note: $m does not support W${b}A${b}; skipped"; continue; }
+      [ -n "${KIND[$m]:-}" ] || { echo "error: unknown method $m (no $m.py declaring a GRID)" >&2; exit 2; }
+      case "${KIND[$m]}" in
+        zero-shot) budget_args="$ZERO_SHOT_ARGS";;
+        label-free) budget_args="$LABEL_FREE_ARGS";;
+        *) echo "error: $m.py declares kind '${KIND[$m]}'; run_all.sh knows zero-shot and label-free" >&2; exit 2;;
+      esac
+      for b in ${BITS:-${DEFAULT_BITS[$m]}}; do
+        [[ "${SUPPORTED_BITS[$m]}" == *" $b "* ]] || { echo "note: $m does not support W${b}A${b}; skipped"; continue; }
         for s in $SEEDS; do
           name="${ds}__${m}__w${b}a${b}__seed${s}"
           if [ -f "$DIR/$name/summary.json" ]; then skipped=$((skipped + 1)); continue; fi

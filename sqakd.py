@@ -9,14 +9,23 @@ lets it wrap EWGS, PACT, LSQ and DoReFa. Docs: docs/sqakd.md.
     python sqakd.py --dataset cifar10 --wbits 2 --abits 2
 """
 import math
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, add_common_args, die, load_cifar, parse_args, setup,
-                    swap_modules, train_batches)
+from common import (NUM_CLASSES, ArgumentParser, Progress, add_common_args, at_least, die, load_cifar, method_name,
+                    parse_args, setup, swap_modules, train_batches)
+
+METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
+# How run_all.sh and tools/report.py place this method (see gdfq.py)
+GRID = {"kind": "label-free", "bits": [1, 2, 3, 4], "supported_bits": [1, 2, 3, 4, 5, 6, 7, 8], "year": 2024,
+        "note": "published numbers not readable here"}
+
+
+def variant(args):
+    """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
+    return METHOD if args.get("quantizer", "ewgs") == "ewgs" else f"{METHOD}-{args['quantizer']}"
 
 RECIPE = {  # the reference scripts' CIFAR settings
     "cifar10": dict(epochs=1200, batch_size=256, lr=1e-3, lr_q=1e-5, weight_decay=1e-4),
@@ -26,21 +35,23 @@ RECIPE = {  # the reference scripts' CIFAR settings
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, "sqakd")
+    add_common_args(p, METHOD)
     p.add_argument("--quantizer", default="ewgs", choices=["ewgs", "pact", "lsq", "dorefa"],
                    help="quantizer expressed in the unified clip/normalise/discretise/rescale form")
     p.add_argument("--delta", type=float, default=0.0, help="discretisation gradient scaling (0: STE; EWGS: > 0)")
     def per_dataset(k):  # the defaults of these five depend on the dataset (RECIPE, the reference's scripts)
         return f"default: {RECIPE['cifar10'][k]} on CIFAR-10, {RECIPE['cifar100'][k]} on CIFAR-100"
-    p.add_argument("--epochs", type=int, default=None, help=f"passes over the training split ({per_dataset('epochs')})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"images per iteration ({per_dataset('batch_size')})")
+    p.add_argument("--epochs", type=at_least(0), default=None,
+                   help=f"passes over the training split ({per_dataset('epochs')})")
+    p.add_argument("--batch-size", type=at_least(1), default=None,
+                   help=f"images per iteration ({per_dataset('batch_size')})")
     p.add_argument("--lr", type=float, default=None, help=f"Adam lr of the model parameters ({per_dataset('lr')})")
     p.add_argument("--lr-q", type=float, default=None,
                    help=f"Adam lr of the quantizer parameters ({per_dataset('lr_q')})")
     p.add_argument("--weight-decay", type=float, default=None,
                    help=f"model-parameter weight decay ({per_dataset('weight_decay')})")
     p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
-    p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--train-subset", type=at_least(0), default=0, help="use only the first N training images (0: all)")
     p.add_argument("--no-augment", action="store_true", help="no random crop + flip")
     args = parse_args(p, argv, bits=(1, 8))
     for k, v in RECIPE[args.dataset].items():
@@ -191,13 +202,11 @@ if __name__ == "__main__":
         print(f"student top-1 after range initialisation {progress.calib_top1:.2f}", flush=True)
 
     for epoch in range(progress.start_epoch, args.epochs):
-        t_epoch = time.time()
         cos = 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))  # cosine decay to 0 over the epochs
         for o, lr in ((opt, args.lr), (opt_q, args.lr_q)):
             for group in o.param_groups:
                 group["lr"] = lr * cos
         student.train()
-        loss_sum = torch.zeros((), device=device)
         batches = train_batches(x_train, args.batch_size, test.mean, test.std, device, not args.no_augment)
         for x in progress.iterate(epoch, batches, args.iters_per_epoch):
             with torch.no_grad():
@@ -208,11 +217,9 @@ if __name__ == "__main__":
             loss.backward()
             opt.step()
             opt_q.step()
-            loss_sum += loss.detach()
+            progress.add("losses/kd", loss)
         student.eval()
-        n = args.iters_per_epoch
-        progress.end_epoch(epoch, student, {"losses/kd": (loss_sum / n).item()},
-                           {"lr": args.lr * cos, "lr_q": args.lr_q * cos}, n * args.batch_size, time.time() - t_epoch)
+        progress.end_epoch(epoch, student, {"lr": args.lr * cos, "lr_q": args.lr_q * cos},
+                           args.iters_per_epoch * args.batch_size)
 
-    progress.finish(student, {"depth": args.teacher_depth, "num_classes": num_classes, "wbits": args.wbits,
-                              "abits": args.abits, "quantizer": f"sqakd-{args.quantizer}"})
+    progress.finish(student, args.teacher_depth, num_classes)

@@ -74,10 +74,9 @@ def test_akt_student_step_on_cuda():
     student = frozen_student(teacher, gen["act_lo"], gen["act_hi"])
     images = gen["images"].cuda()
     with torch.no_grad():
-        t_logits, t_feats = teacher.forward_features(images, body=True)
-    s_logits, s_feats = student.forward_features(images, body=True)
-    loss = akt.adadfq_student_loss(t_logits, s_logits, 20.0, 400.0) + 1000.0 * akt.rfd_loss(
-        s_feats["body"], t_feats["body"], 8.0)
+        t_logits, t_feats = akt.ResidualBranches(teacher)(teacher, images)
+    s_logits, s_feats = akt.ResidualBranches(student)(student, images)
+    loss = akt.adadfq_student_loss(t_logits, s_logits, 20.0, 400.0) + 1000.0 * akt.rfd_loss(s_feats, t_feats, 8.0)
     loss.backward()
     assert_close(loss.cpu(), ref["loss_S"], 1e-5, "loss_S")
     for n, p in student.named_parameters():

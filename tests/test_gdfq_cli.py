@@ -64,8 +64,8 @@ def test_resume_reproduces_uninterrupted_run(tiny_data, teachers, tmp_path):
     sa = json.loads((tmp_path / "full" / "summary.json").read_text())
     sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert (sa["final_top1"], sa["best_top1"]) == (sb["final_top1"], sb["best_top1"])
-    sa_model = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["student"]
-    sb_model = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["student"]
+    sa_model = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["student"]
+    sb_model = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["student"]
     assert all(torch.equal(sa_model[k], sb_model[k]) for k in sa_model)
 
 
@@ -76,7 +76,7 @@ def test_act_ema_reference_reaches_the_student_and_its_saved_model(tiny_data, te
     for ema in ("plain", "reference"):
         r = gdfq(tiny_data, teachers, tmp_path, "--run-name", ema, "--act-ema", ema, "--save-model")
         assert r.returncode == 0, r.stderr
-    plain, ref = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=False)["student"]
+    plain, ref = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["student"]
                   for n in ("plain", "reference"))
     his = [k for k in plain if k.endswith(".hi")]
     assert len(his) == 19 and not any(k.endswith("beta_t") for k in plain)
@@ -95,7 +95,7 @@ def test_nan_stops_cleanly_and_keeps_last_checkpoint(tiny_data, teachers, tmp_pa
     assert r.returncode == 1 and "Traceback" not in r.stderr
     # epoch 2 of 3 (the first training epoch; console numbering), after warm-up epoch 1 was checkpointed
     assert "became nan in epoch 2" in r.stderr or "became inf in epoch 2" in r.stderr, r.stderr
-    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert ckpt["epochs_done"] == 1 and not (tmp_path / "nan" / "summary.json").exists()
 
 
@@ -121,9 +121,9 @@ BAD = {
     "data_missing": (["--data-dir", "EMPTY"], "cifar10 not found in"),
     "resume_no_ckpt": (["--resume", "RUNDIR"], "no checkpoint.pt there"),
     "resume_not_run": (["--resume", "EMPTY"], "no args.json there"),
-    "batch_zero": (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
-    "epochs_negative": (["--epochs", "-1"], "--epochs -1 must be at least 0"),
-    "eval_every_zero": (["--eval-every", "0"], "--eval-every 0 must be at least 1"),
+    "batch_zero": (["--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    "epochs_negative": (["--epochs", "-1"], "argument --epochs: -1 must be at least 0"),
+    "eval_every_zero": (["--eval-every", "0"], "argument --eval-every: 0 must be at least 1"),
 }
 
 
@@ -194,7 +194,7 @@ def test_resume_of_an_incompatible_checkpoint_is_one_line(tiny_data, teachers, t
     args = ["faqd.py", "--epochs", "2", "--train-subset", "16", "--batch-size", "8", "--data-dir", tiny_data,
             "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path), "--run-name", "old", "--stop-after", "1"]
     assert run_script(args, cwd=ROOT).returncode == 0
-    ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
     ckpt["opt"]["param_groups"] = ckpt["opt"]["param_groups"][:1]  # as saved before the steps had their own group
     torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
     r = run_script(["faqd.py", "--resume", str(tmp_path / "old")], cwd=ROOT)
@@ -203,18 +203,16 @@ def test_resume_of_an_incompatible_checkpoint_is_one_line(tiny_data, teachers, t
 
 
 def test_milestone_warning_advises_only_what_would_help(capsys):
-    from argparse import Namespace
     from common import lr_milestones
     # 'all' on a short run: the first decay (round(0.25 * 16) = 4) hits the first student epoch -> advise 'train'
-    assert lr_milestones(Namespace(epochs=16, warmup_epochs=4, milestones=[0.25], milestones_from="all")) == [4]
+    assert lr_milestones(16, 4, [0.25], "all") == [4]
     assert "use --milestones-from train" in capsys.readouterr().out
     # 'train' already, but 2 student epochs: round(0.25 * 2) = 0 -> epoch 4 again; the advice would not help
-    assert lr_milestones(Namespace(epochs=6, warmup_epochs=4, milestones=[0.25], milestones_from="train")) == [4]
+    assert lr_milestones(6, 4, [0.25], "train") == [4]
     out = capsys.readouterr().out
     assert "too few student epochs" in out and "use --milestones-from train" not in out
     # the short recipe: 7, 10, 13, no warning
-    assert lr_milestones(Namespace(epochs=16, warmup_epochs=4, milestones=[0.25, 0.5, 0.75],
-                                   milestones_from="train")) == [7, 10, 13]
+    assert lr_milestones(16, 4, [0.25, 0.5, 0.75], "train") == [7, 10, 13]
     assert capsys.readouterr().out == ""
 
 

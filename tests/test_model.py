@@ -82,15 +82,25 @@ def test_mismatched_teacher_names_the_keys(tmp_path):
 def test_forward_features():
     m = random_teacher(10)
     x = torch.randn(2, 3, 32, 32)
-    logits, f = m.forward_features(x, body=True)
+    logits, f = m.forward_features(x)
     assert torch.equal(logits, m(x))
-    assert [t.shape[1:] for t in f["stages"]] == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
-    assert len(f["body"]) == 9 and f["body"][3].shape == (2, 32, 16, 16) and f["pool"].shape == (2, 64)
-    # body = BN output of the unit's second conv, before the residual add
+    assert [t.shape[1:] for t in f["stages"]] == [(16, 32, 32), (32, 16, 16), (64, 8, 8)] and f["pool"].shape == (2, 64)
+
+
+def test_akt_residual_branch_hooks():
+    """akt.py reads the residual branches with its own forward hooks: the BN output of each unit's second conv,
+    before the add, only during its calls (the shared ResNet keeps nothing)."""
+    import akt
+    m = random_teacher(10)
+    x = torch.randn(2, 3, 32, 32)
+    branches = akt.ResidualBranches(m)
+    logits, body = branches(m, x)
+    assert torch.equal(logits, m(x)) and len(body) == 9 and body[3].shape == (2, 32, 16, 16)
     u = m.layer1[0]
     h = m.relu(m.bn1(m.conv1(x)))
-    assert torch.allclose(f["body"][0], u.bn2(u.conv2(u.relu1(u.bn1(u.conv1(h))))))
-    assert "body" not in m.forward_features(x)[1]
+    assert torch.allclose(body[0], u.bn2(u.conv2(u.relu1(u.bn1(u.conv1(h))))))
+    m(x)
+    assert branches.feats == []  # plain forwards keep nothing
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

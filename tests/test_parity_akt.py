@@ -50,8 +50,8 @@ def test_rfd_features_and_attention_maps():
     teacher, student = rfd_student_and_teacher(ref)
     layers = names(ref["layer_names"])
     with torch.no_grad():
-        f_t = teacher.forward_features(ref["images"], body=True)[1]["body"]
-        f_s = student.forward_features(ref["images"], body=True)[1]["body"]
+        f_t = akt.ResidualBranches(teacher)(teacher, ref["images"])[1]
+        f_s = akt.ResidualBranches(student)(student, ref["images"])[1]
     for i, name in enumerate(layers):
         assert_close(f_t[i], ref[f"f_t/{name}"], 1e-5, f"teacher feature {name}")
         assert_close(f_s[i], ref[f"f_s/{name}"], 1e-5, f"student feature {name}")
@@ -100,7 +100,7 @@ def test_adadfq_generator_step_through_teacher_and_student():
     bns_loss = akt.BNStatsLoss(teacher)
     images = ref["images"].clone().requires_grad_(True)
     bns_loss.active = True
-    t_logits, _ = teacher.forward_features(images, body=True)
+    t_logits = teacher(images)
     bns_loss.active = False
     bns = bns_loss()
     s_logits = student(images)  # not detached: the generator learns through the quantized student
@@ -122,10 +122,10 @@ def test_akt_student_step():
     teacher = parity_teacher()
     student = frozen_student(teacher, gen["act_lo"], gen["act_hi"])
     with torch.no_grad():
-        t_logits, t_feats = teacher.forward_features(gen["images"], body=True)
-    s_logits, s_feats = student.forward_features(gen["images"], body=True)
+        t_logits, t_feats = akt.ResidualBranches(teacher)(teacher, gen["images"])
+    s_logits, s_feats = akt.ResidualBranches(student)(student, gen["images"])
     q_loss = akt.adadfq_student_loss(t_logits, s_logits, 20.0, 400.0)
-    rfd = akt.rfd_loss(s_feats["body"], t_feats["body"], 8.0)
+    rfd = akt.rfd_loss(s_feats, t_feats, 8.0)
     loss = q_loss + 1000.0 * rfd
     loss.backward()
     assert_close(s_logits, ref["s2_logits"], 1e-5, "student logits")
@@ -139,4 +139,5 @@ def test_akt_student_step():
 def test_default_schedule_decays_once_at_half_as_the_reference():
     args = akt.parse(["--teacher", "x.pth"])
     from common import lr_milestones
-    assert lr_milestones(args) == [100]  # reference: milestones 100/200/300 with 200 epochs
+    # reference: milestones 100/200/300 with 200 epochs
+    assert lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from) == [100]

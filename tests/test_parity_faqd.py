@@ -100,7 +100,7 @@ def test_alpha_mode_end_to_end(mode, tiny_data, teachers, tmp_path):
                     "--run-name", mode, "--epochs", "1", "--train-subset", "32", "--batch-size", "8", "--threads", "1",
                     "--wbits", "4", "--abits", "4", "--alpha-mode", mode, "--lr", "0.5", "--save-model"], cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    sd = torch.load(tmp_path / mode / "model.pt", weights_only=False)["state_dict"]
+    sd = torch.load(tmp_path / mode / "model.pt", weights_only=True)["state_dict"]
     alphas = [v.item() for k, v in sd.items() if k.endswith("alpha")]
     assert len(alphas) == 19
     moved = sum(a != faqd.FAQDReLU(4).alpha.item() for a in alphas)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import gdfq
-from common import QConv2d, QLinear, QuantReLU, UpsampleConv3x3, _scale_zero, fake_quant, quantize_model, weight_codes
+from common import QConv2d, QLinear, QuantReLU, UpsampleConv3x3, scale_zero, fake_quant, quantize_model, weight_codes
 from conftest import assert_close, check_student_step, fixture, frozen_student, names, parity_teacher
 
 
@@ -25,7 +25,7 @@ def test_weight_quantizer_exact(k):
         if f"w{k}/{name}/codes" not in ref:
             continue
         flat = w.flatten(1)
-        s, z = _scale_zero(flat.amin(1), flat.amax(1), k)
+        s, z = scale_zero(flat.amin(1), flat.amax(1), k)
         assert torch.equal(weight_codes(w, k).view_as(w), ref[f"w{k}/{name}/codes"].float()), name
         assert torch.equal(s, ref[f"w{k}/{name}/scale"]) and torch.equal(z, ref[f"w{k}/{name}/zero_point"]), name
         if name.rsplit(".", 1)[0] in subset or name in subset:

@@ -68,7 +68,7 @@ def test_failed_run_reported_others_continue_and_interrupted_run_resumes(tiny_da
     (d / "summary.json").unlink()
     first_rows = (d / "metrics.jsonl").read_text().splitlines()[:1]
     (d / "metrics.jsonl").write_text(first_rows[0] + "\n")
-    ck = torch.load(d / "checkpoint.pt", weights_only=False)
+    ck = torch.load(d / "checkpoint.pt", weights_only=True)
     assert ck["epochs_done"] == 2
     r = run_all(*args, "--datasets", "cifar10")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -13,50 +13,23 @@ import statistics
 import sys
 from collections import defaultdict
 
-# (method label, dataset, bits) -> (published top-1, source). Best-epoch numbers with pytorchcv teachers.
-PAPER = {
-    ("gdfq", "cifar10", 3): (75.11, "GDFQ re-run by AdaDFQ"), ("gdfq", "cifar10", 4): (90.25, "GDFQ paper"),
-    ("gdfq", "cifar10", 5): (93.38, "GDFQ paper"), ("gdfq", "cifar100", 3): (47.61, "GDFQ re-run by AdaDFQ"),
-    ("gdfq", "cifar100", 4): (63.39, "GDFQ paper"), ("gdfq", "cifar100", 5): (66.12, "GDFQ paper"),
-    ("ait", "cifar10", 4): (91.23, "AIT paper (GDFQ+AIT)"), ("ait", "cifar10", 5): (93.41, "AIT paper (GDFQ+AIT)"),
-    ("ait", "cifar100", 4): (65.80, "AIT paper (GDFQ+AIT)"), ("ait", "cifar100", 5): (69.26, "AIT paper (GDFQ+AIT)"),
-    ("akt", "cifar10", 3): (86.76, "AKT paper (AdaDFQ+AKT)"), ("akt", "cifar10", 4): (92.64, "AKT paper (AdaDFQ+AKT)"),
-    ("akt", "cifar10", 5): (93.83, "AKT paper (AdaDFQ+AKT)"), ("akt", "cifar100", 3): (54.68, "AKT paper (AdaDFQ+AKT)"),
-    ("akt", "cifar100", 4): (66.94, "AKT paper (AdaDFQ+AKT)"), ("akt", "cifar100", 5): (69.75, "AKT paper (AdaDFQ+AKT)"),
-    ("akt+gdfq", "cifar10", 3): (72.80, "AKT paper (GDFQ+AKT)"), ("akt+gdfq", "cifar10", 4): (90.33, "AKT paper (GDFQ+AKT)"),
-    ("akt+gdfq", "cifar10", 5): (93.36, "AKT paper (GDFQ+AKT)"), ("akt+gdfq", "cifar100", 3): (49.06, "AKT paper (GDFQ+AKT)"),
-    ("akt+gdfq", "cifar100", 4): (63.37, "AKT paper (GDFQ+AKT)"), ("akt+gdfq", "cifar100", 5): (67.46, "AKT paper (GDFQ+AKT)"),
-}
-NOTES = {"lrq": "our reading of the abstract; no LRQ number exists", "faqd": "published numbers not readable here",
-         "sqakd": "published numbers not readable here"}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import grid  # noqa: E402 - the methods, their kinds, variants and published numbers, read from the scripts
 
-REAL_DATA = {"faqd", "sqakd"}
+KIND_TITLES = {"zero-shot": "zero-shot (generated images)", "label-free": "label-free (real images, labels unused)"}
 
 
 def label(args):
-    """Method name plus the variant flags that change the algorithm."""
-    m = args["method"]
-    if m == "akt" and args.get("base", "adadfq") != "adadfq":
-        return f"akt+{args['base']}"
-    if m == "ait" and args.get("no_gi"):
-        return "ait-nogi"
-    if m == "ait" and args.get("gi_result", "midpoint") != "midpoint":
-        return f"ait-{args['gi_result']}"
-    if m == "faqd" and args.get("float_acts"):
-        return "faqd-floatacts"
-    if m == "faqd" and args.get("alpha_mode", "learned") != "learned":
-        return f"faqd-{args['alpha_mode']}"
-    if m == "lrq":  # the ablation's variants: the components that are on (all three: "lrq")
-        margin = args.get("ama_margin", 0)
-        on = (["lka"] if not args.get("no_lka") else []) + ([f"ama{margin:g}"] if margin > 0 else []) \
-            + (["dkd"] if args.get("kd", "dkd") == "dkd" else [])
-        dkd = "" if args.get("kd", "dkd") != "dkd" else (
-            (f"-b{args['dkd_beta']:g}" if args.get("dkd_beta", 8.0) != 8.0 else "")
-            + ("-ce" if args.get("dkd_ce_weight", 0.0) else ""))
-        return ("lrq" if len(on) == 3 else "lrq:" + ("+".join(on) or "none")) + dkd
-    if m == "sqakd" and args.get("quantizer", "ewgs") != "ewgs":
-        return f"sqakd-{args['quantizer']}"
-    return m
+    """A run's row: its script's variant(args) (the method name, or a variant when flags change the algorithm)."""
+    return grid.label(args)
+
+
+def paper_number(method, row_label, ds, w):
+    """(published top-1, source) for a row, from its script's GRID, or None."""
+    g = grid.methods().get(method, {})
+    table = g.get("paper", {}) if row_label == method else \
+        g.get("variant_paper", {}).get(row_label[len(method):].lstrip("+-:"), {})
+    return table.get(f"{ds} W{w}A{w}")
 
 
 def collect(runs_dir):
@@ -73,8 +46,13 @@ def collect(runs_dir):
         a = s["args"]
         rel = os.path.relpath(root, runs_dir).split(os.sep)
         budget = rel[0] if len(rel) > 1 else "?"
-        groups[(label(a), a["dataset"], a["wbits"], a["abits"], budget)].append(s)
+        row = label(a)
+        METHOD_OF[row] = a["method"]
+        groups[(row, a["dataset"], a["wbits"], a["abits"], budget)].append(s)
     return groups
+
+
+METHOD_OF = {}  # row label -> the script (method) it comes from
 
 
 def mean_std(xs):
@@ -89,22 +67,36 @@ def fmt(xs):
 
 def table(groups, ablations=True, methods=None):
     """Markdown rows (variants included unless ablations=False; only labels of `methods` when given)."""
-    lines = ["| method | dataset | W/A | budget | seeds | teacher top-1 (ours) | calibrated | final top-1 | best top-1 | paper |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | dataset | W/A | budget | seeds | teacher top-1 (ours) | calibrated | final top-1 | best top-1 | paper "
+             "| code |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=lambda k: (k[1], k[0], k[2], k[3], k[4])):
         method, ds, w, a, budget = key
         if (":" in method and not ablations) or (methods and base(method) not in methods):
             continue
         runs = groups[key]
         calib = [r["calibrated_top1"] for r in runs if r.get("calibrated_top1") is not None]
-        paper = PAPER.get((method, ds, w)) if w == a else None
-        paper_txt = f"{paper[0]:.2f} ({paper[1]})" if paper else NOTES.get(base(method), "—")
+        paper = paper_number(base(method), method, ds, w) if w == a else None
+        note = grid.methods().get(base(method), {}).get("note", "—")
+        paper_txt = f"{paper[0]:.2f} ({paper[1]})" if paper else note
         teacher = sorted({r["teacher_top1"] for r in runs})  # one teacher per row: its value, not a mean ± 0
         teacher_txt = f"{teacher[0]:.2f}" if len(teacher) == 1 else fmt([r["teacher_top1"] for r in runs])
         lines.append(f"| {method} | {ds} | W{w}A{a} | {budget} | {len(runs)} | {teacher_txt} | "
                      f"{fmt(calib) if calib else '—'} | {fmt([r['final_top1'] for r in runs])} | "
-                     f"{fmt([r['best_top1'] for r in runs])} | {paper_txt} |")
+                     f"{fmt([r['best_top1'] for r in runs])} | {paper_txt} | {code(runs)} |")
     return "\n".join(lines)
+
+
+def code(runs):
+    """Which code made a row's runs: short git commits ('+' when the tree had uncommitted changes) or code hashes
+    from their summaries; runs made before summaries recorded it show their version."""
+    seen = []
+    for r in runs:
+        p = r.get("provenance") or {}
+        tag = (p["git_commit"][:7] + ("+" if p.get("git_dirty") else "")) if "git_commit" in p else \
+            (f"sha256:{p['code_sha256'][:8]}" if "code_sha256" in p else f"v{r.get('version', '?')}")
+        if tag not in seen:
+            seen.append(tag)
+    return ", ".join(seen)
 
 
 def superseded(budget):
@@ -144,7 +136,7 @@ def plot(groups, path):
     color = method_colors(panels)
     for ax, ((ds, budget), lines) in zip(axes[0], panels.items()):
         for method, pts in sorted(lines.items()):
-            real = method.split("-")[0] in REAL_DATA  # label-free methods train on real images: dashed
+            real = grid.methods().get(base(method), {}).get("kind") == "label-free"  # real images: dashed
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
                         color=color[method], linestyle="--" if real else "-",
                         label=method + (" (real images)" if real else ""))
@@ -161,9 +153,9 @@ def plot(groups, path):
     return True
 
 
-def base(method):
-    """The script a row's label comes from: 'akt+gdfq' -> 'akt', 'lrq:dkd' -> 'lrq', 'faqd-frozen' -> 'faqd'."""
-    return method.split("+")[0].split(":")[0].split("-")[0]
+def base(row):
+    """The script (method) a row's label comes from: 'akt+gdfq' -> 'akt', 'lrq:dkd' -> 'lrq'."""
+    return METHOD_OF.get(row, row)
 
 
 BEGIN, END = "<!-- headline tables: tools/report.py --readme -->", "<!-- end headline tables -->"
@@ -187,17 +179,19 @@ def pivot(groups, budget="short"):
     current code only ("—" where only superseded runs exist, "n/a" where none; no variants)."""
     cells = {(m, ds, w): runs for (m, ds, w, a, b), runs in groups.items() if b == budget and w == a and base(m) == m}
     out = []
-    for title, methods in (("zero-shot (generated images)", ("gdfq", "ait", "akt", "lrq")),
-                           ("label-free (real images, labels unused)", ("faqd", "sqakd"))):
-        grid = {(m, ds, w) for (m, ds, w, a, b) in groups if w == a and (b == budget or b.startswith(budget + "-v"))}
-        cols = sorted({(ds, w) for m, ds, w in grid if m in methods}, key=lambda c: (c[0] != "cifar10", c))
+    declared = grid.methods()  # table order: the papers' years
+    kinds = list(dict.fromkeys(g["kind"] for g in declared.values()))
+    for kind in kinds:
+        title, methods = KIND_TITLES.get(kind, kind), [m for m, g in declared.items() if g["kind"] == kind]
+        ran = {(m, ds, w) for (m, ds, w, a, b) in groups if w == a and (b == budget or b.startswith(budget + "-v"))}
+        cols = sorted({(ds, w) for m, ds, w in ran if m in methods}, key=lambda c: (c[0] != "cifar10", c))
         if not cols:
             continue
         out += [f"| {title} | " + " | ".join(f"{'CIFAR-10' if ds == 'cifar10' else 'CIFAR-100'} W{w}A{w}"
                                               for ds, w in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for m in methods:
             row = [f"{fmt([r['final_top1'] for r in cells[(m, ds, w)]])} ({len(cells[(m, ds, w)])})"
-                   if (m, ds, w) in cells else "—" if (m, ds, w) in grid else "n/a" for ds, w in cols]
+                   if (m, ds, w) in cells else "—" if (m, ds, w) in ran else "n/a" for ds, w in cols]
             out.append(f"| {m} | " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out).rstrip("\n")
@@ -216,7 +210,7 @@ def update_docs(docs_dir, groups):
         path = os.path.join(docs_dir, name)
         if not name.endswith(".md") or DOC_BEGIN not in open(path).read():
             continue
-        method = name[:-3] if name[:-3] in ("gdfq", "ait", "akt", "lrq", "faqd", "sqakd") else None
+        method = name[:-3] if name[:-3] in grid.methods() else None
         err = replace_between(path, DOC_BEGIN, DOC_END, table(groups, methods={method} if method else None))
         (errors if err else done).append(err or path)
     return errors, done
