@@ -101,7 +101,7 @@ def add_common_args(p, method):
     p.add_argument("--teacher", default="pytorchcv",
                    help="'pytorchcv' (the papers' teacher, downloaded), 'chenyaofo' (downloaded) or a path to a .pth")
     p.add_argument("--teacher-depth", type=int, default=20, help="ResNet depth of the teacher (20/32/44/56/110)")
-    p.add_argument("--eval-norm", default="teacher", choices=["teacher", "gdfq"],
+    p.add_argument("--eval-norm", default="teacher", choices=["teacher", "dataset"],
                    help="test-set normalisation: the teacher's own constants, or the GDFQ-family dataset statistics")
     p.add_argument("--seed", type=int, default=0, help="random seed (python, numpy, torch)")
     p.add_argument("--deterministic", action="store_true", help="use deterministic algorithms (slower on GPU)")
@@ -346,8 +346,8 @@ NORMS = {  # (mean, std)
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),  # pytorchcv (both) and chenyaofo CIFAR-10
     "chenyaofo-cifar100": ((0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761)),
     # the dataset statistics the GDFQ-family repos evaluate with (their dataloader.py)
-    "gdfq-cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
-    "gdfq-cifar100": ((0.50705882, 0.48666667, 0.44078431), (0.26745098, 0.25568627, 0.27607843)),
+    "dataset-cifar10": ((0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
+    "dataset-cifar100": ((0.50705882, 0.48666667, 0.44078431), (0.26745098, 0.25568627, 0.27607843)),
 }
 
 
@@ -414,7 +414,7 @@ def _download(url, kind, prefix, cache_dir):
                 blob = r.read()
         except Exception as e:  # noqa: BLE001 - any network failure is the same user-facing problem
             raise UserError(f"could not download the teacher from {url} ({type(e).__name__}: {e}); offline, pass "
-                            "--teacher PATH to a local copy of that file (or of any CIFAR ResNet state_dict)")
+                            "--teacher PATH to a local copy of that file (or of any CIFAR ResNet state_dict)") from e
         if url.endswith(".zip"):
             with zipfile.ZipFile(io.BytesIO(blob)) as z:
                 blob = z.read(name)
@@ -443,7 +443,7 @@ def load_teacher(spec, dataset, depth=20, cache_dir=None):
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"--teacher {path} is not a PyTorch weights file (one written by torch.save, loadable "
-                        f"without running code): torch.load failed with {type(e).__name__}")
+                        f"without running code): torch.load failed with {type(e).__name__}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -462,8 +462,8 @@ def load_teacher(spec, dataset, depth=20, cache_dir=None):
 
 def eval_normalisation(args, info):
     """The (mean, std) used to evaluate: the teacher's own (default) or the GDFQ-family dataset statistics."""
-    if args.eval_norm == "gdfq":
-        return NORMS[f"gdfq-{args.dataset}"]
+    if args.eval_norm == "dataset":
+        return NORMS[f"dataset-{args.dataset}"]
     return info["mean"], info["std"]
 
 
@@ -634,7 +634,8 @@ def load_cifar(dataset, data_dir, train, download=True):
             cls(data_dir, train=train, download=True)
         except Exception as e:  # noqa: BLE001 - offline, or torchvision missing: same advice
             raise UserError(f"{dataset} not found in {os.path.abspath(root)} and the download failed "
-                            f"({type(e).__name__}); put the official python-layout folder there or pass --data-dir")
+                            f"({type(e).__name__}); put the official python-layout folder there or pass "
+                            "--data-dir") from e
     if not os.path.isdir(root):
         raise UserError(f"{dataset} not found in {os.path.abspath(root)} (downloads disabled); put the official "
                         "python-layout folder there or pass --data-dir")
@@ -642,7 +643,7 @@ def load_cifar(dataset, data_dir, train, download=True):
         return _read_split(root, dataset, train)
     except (OSError, KeyError, pickle.UnpicklingError, ValueError, EOFError) as e:
         raise UserError(f"cannot read {dataset} {'train' if train else 'test'} split from {os.path.abspath(root)} "
-                        f"({type(e).__name__}: {e}); expected the official python layout")
+                        f"({type(e).__name__}: {e}); expected the official python layout") from e
 
 
 def normalise(x_uint8, mean, std):
@@ -759,7 +760,7 @@ def load_trusted_free(path, what):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read {path} as a {what} ({type(e).__name__}); it was written by another version or "
-                        "holds more than tensors and plain values, which cleanqd does not unpickle")
+                        "holds more than tensors and plain values, which cleanqd does not unpickle") from e
 
 
 def provenance(script):
@@ -944,7 +945,7 @@ class Progress:
                     obj.load_state_dict(ckpt[k])
                 except (KeyError, ValueError, RuntimeError) as e:  # e.g. a checkpoint of an older version
                     raise UserError(f"--resume {run.dir}: its checkpoint's {k} does not match this version of "
-                                    f"{script_name()} ({type(e).__name__}); start a new run")
+                                    f"{script_name()} ({type(e).__name__}); start a new run") from e
             set_rng_state(ckpt["rng"])
             self.start_epoch, self.best, self.top1 = ckpt["epochs_done"], ckpt["best_top1"], ckpt["top1"]
             self.calib_top1, elapsed = ckpt["calib_top1"], ckpt["elapsed"]

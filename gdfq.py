@@ -7,14 +7,27 @@ distilled from the teacher on those images. Docs: docs/gdfq.md.
 
     python gdfq.py --dataset cifar10 --wbits 4
 """
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, at_least, check_warmup,
-                    lr_milestones, method_name, parse_args, quantize_model, set_calibrating, set_lr, setup)
+from common import (
+    NUM_CLASSES,
+    ArgumentParser,
+    Progress,
+    UpsampleConv3x3,
+    add_common_args,
+    at_least,
+    check_warmup,
+    lr_milestones,
+    method_name,
+    parse_args,
+    quantize_model,
+    set_calibrating,
+    set_lr,
+    setup,
+)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method: its kind (which budget it gets), the bit-widths it runs by
@@ -144,7 +157,7 @@ if __name__ == "__main__":
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
-        for it in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
+        for _ in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             y = torch.randint(0, num_classes, (args.batch_size,), device=device)
 

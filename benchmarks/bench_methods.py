@@ -26,6 +26,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vs_reference import cpu_model  # noqa: E402
+
 from common import CifarResNet  # noqa: E402
 
 PAPER_BATCH = {"gdfq": 200, "ait": 200, "akt": 200, "lrq": 200, "faqd": 100, "sqakd": 256}

@@ -59,7 +59,7 @@ def load_reference(path, iters, batch, threads):
     import torchvision
     torchvision.datasets.CIFAR10._check_integrity = lambda self: True
     sys.path.insert(0, path)
-    import main as ref_main  # noqa: the reference's main.py (Generator, ExperimentDesign)
+    import main as ref_main  # noqa: E402 - the reference's main.py (Generator, ExperimentDesign)
     import trainer as ref_trainer
     import utils as ref_utils
     from pytorchcv.model_provider import get_model

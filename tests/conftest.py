@@ -23,7 +23,8 @@ def write_tiny_cifar(root, n_train=40, n_test=30, seed=0):
     os.makedirs(c10)
     for i in range(1, 6):
         with open(os.path.join(c10, f"data_batch_{i}"), "wb") as f:
-            pickle.dump({"batch_label": f"training batch {i} of 5", "labels": rng.integers(0, 10, n_train // 5).tolist(),
+            pickle.dump({"batch_label": f"training batch {i} of 5",
+                         "labels": rng.integers(0, 10, n_train // 5).tolist(),
                          "data": rng.integers(0, 256, (n_train // 5, 3072), dtype=np.uint8),
                          "filenames": [f"img{i}_{j}.png" for j in range(n_train // 5)]}, f)
     with open(os.path.join(c10, "test_batch"), "wb") as f:
@@ -36,10 +37,12 @@ def write_tiny_cifar(root, n_train=40, n_test=30, seed=0):
     for name, n in (("train", n_train), ("test", n_test)):
         with open(os.path.join(c100, name), "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         "fine_labels": rng.integers(0, 100, n).tolist(), "coarse_labels": rng.integers(0, 20, n).tolist(),
+                         "fine_labels": rng.integers(0, 100, n).tolist(),
+                         "coarse_labels": rng.integers(0, 20, n).tolist(),
                          "filenames": [f"x{j}.png" for j in range(n)], "batch_label": name}, f)
     with open(os.path.join(c100, "meta"), "wb") as f:
-        pickle.dump({"fine_label_names": [str(i) for i in range(100)], "coarse_label_names": [str(i) for i in range(20)]}, f)
+        pickle.dump({"fine_label_names": [str(i) for i in range(100)],
+                     "coarse_label_names": [str(i) for i in range(20)]}, f)
     return root
 
 
@@ -100,7 +103,7 @@ def teacher_path(dataset):
     return _downloaded_teacher(dataset)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _downloaded_teacher(dataset):
     from common import TEACHERS, UserError, _download
     try:

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import ROOT, assert_teacher_acc_gen, run_script
 
 from ait import GradientInundation
-from akt import (adadfq_generator_loss, adadfq_student_loss, channel_attention, rfd_loss, spatial_attention)
+from akt import adadfq_generator_loss, adadfq_student_loss, channel_attention, rfd_loss, spatial_attention
 from common import weight_codes
-from conftest import ROOT, assert_teacher_acc_gen, run_script
 
 
 def toy_weight(seed=0):

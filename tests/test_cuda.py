@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-
-from conftest import ROOT, assert_close, fixture, frozen_student, run_script, parity_teacher
+from conftest import ROOT, assert_close, fixture, frozen_student, parity_teacher, run_script
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
 

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ROOT, random_teacher, run_script
+
 from faqd import FAQDReLU, fa_loss, ffa_loss, project_weight
 from sqakd import UQConv2d, build_student, discretise, initialise, kd_loss
 
@@ -128,7 +128,8 @@ def test_sqakd_initialisation_then_finite_first_step():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,extra", [("faqd.py", []), ("faqd.py", ["--fa-type", "ffa", "--wbits", "2", "--abits", "8"]),
+@pytest.mark.parametrize("script,extra", [("faqd.py", []),
+                                          ("faqd.py", ["--fa-type", "ffa", "--wbits", "2", "--abits", "8"]),
                                           ("sqakd.py", []), ("sqakd.py", ["--quantizer", "lsq", "--delta", "0.2"])])
 def test_smoke(script, extra, tiny_data, teachers, tmp_path):
     r = run_script([script, "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),

@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 GENERATOR_SCRIPTS = ["gdfq.py", "ait.py", "akt.py", "lrq.py"]

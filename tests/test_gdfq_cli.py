@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
+from conftest import ROOT, assert_teacher_acc_gen, run_script
 
 from common import EvalData, load_quantized, load_teacher
-from conftest import ROOT, assert_teacher_acc_gen, run_script
 
 TINY = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8",
         "--milestones-from", "train", "--device", "cpu"]

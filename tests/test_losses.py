@@ -29,7 +29,8 @@ def test_bns_loss_hand_value():
 
 def test_bns_loss_averages_layers_and_matches_var_mean():
     torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5)).eval()
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3),
+                            nn.BatchNorm2d(5)).eval()
     for m in teacher:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, assert_teacher_acc_gen, run_script
+
 from lrq import DilatedDepthwiseConv, Generator, LKABlock, dkd_loss, margin_logits
 
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_teacher
 
 from common import CifarResNet, UpsampleConv3x3, UserError, load_teacher, pytorchcv_to_native
-from conftest import random_teacher
 
 
 def pytorchcv_names(sd):
@@ -115,7 +115,8 @@ def test_upsample_conv_equals_interpolate_then_conv(channels_last):
     out = m(x)
     assert out.shape == (3, 5, 8, 10) and torch.allclose(out, ref, atol=1e-5)
     g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(ref, (x, m.weight, m.bias), g), torch.autograd.grad(out, (x, m.weight, m.bias), g)):
+    params = (x, m.weight, m.bias)
+    for a, b in zip(torch.autograd.grad(ref, params, g), torch.autograd.grad(out, params, g)):
         assert torch.allclose(a, b, atol=1e-4)
 
 

@@ -14,9 +14,8 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from conftest import ROOT
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim", "equal",
            "is_nonzero", "lift_fresh", "lift_fresh_copy", "repeat_interleave"}
@@ -72,10 +71,12 @@ CASES = {  # script, extra flags, (flags for n iterations per epoch)
     "akt": ("akt.py", [], lambda n: ["--iters-per-epoch", str(n)]),
     "akt-gdfq": ("akt.py", ["--base", "gdfq"], lambda n: ["--iters-per-epoch", str(n)]),
     "lrq": ("lrq.py", [], lambda n: ["--iters-per-epoch", str(n)]),
-    "faqd": ("faqd.py", ["--epochs", "1", "--batch-size", "4", "--threads", "1"], lambda n: ["--train-subset", str(4 * n)]),
+    "faqd": ("faqd.py", ["--epochs", "1", "--batch-size", "4", "--threads", "1"],
+             lambda n: ["--train-subset", str(4 * n)]),
     "faqd-ffa": ("faqd.py", ["--epochs", "1", "--batch-size", "4", "--threads", "1", "--fa-type", "ffa"],
                  lambda n: ["--train-subset", str(4 * n)]),
-    "sqakd": ("sqakd.py", ["--epochs", "1", "--batch-size", "4", "--threads", "1"], lambda n: ["--train-subset", str(4 * n)]),
+    "sqakd": ("sqakd.py", ["--epochs", "1", "--batch-size", "4", "--threads", "1"],
+              lambda n: ["--train-subset", str(4 * n)]),
 }
 
 

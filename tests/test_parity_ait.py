@@ -2,10 +2,10 @@
 one and two steps, capped (first student epoch) and uncapped, on the reference's own gradients."""
 import pytest
 import torch
+from conftest import assert_close, fixture, frozen_student, names, parity_teacher
 
 from ait import GradientInundation, kd_loss
 from common import weight_codes
-from conftest import assert_close, fixture, frozen_student, names, parity_teacher
 
 
 def qnames(d):

@@ -3,10 +3,9 @@ generator and student losses, RFD (attention maps, values, gradients) and one fu
 import pytest
 import torch
 import torch.nn.functional as F
-
-import akt
 from conftest import assert_close, check_student_step, fixture, frozen_student, names, parity_teacher
 
+import akt
 
 
 @pytest.mark.parametrize("c", [10, 100])

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, assert_close, fixture, run_script
 
 import faqd
-from conftest import ROOT, assert_close, fixture, run_script
 
 
 @pytest.mark.parametrize("case", ["same", "resize"])

@@ -3,11 +3,10 @@ calibration), the generator, the BNS + CE generator loss and its gradients, and 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import gdfq
-from common import QConv2d, QLinear, QuantReLU, UpsampleConv3x3, scale_zero, fake_quant, quantize_model, weight_codes
 from conftest import assert_close, check_student_step, fixture, frozen_student, names, parity_teacher
 
+import gdfq
+from common import QConv2d, QLinear, QuantReLU, UpsampleConv3x3, fake_quant, quantize_model, scale_zero, weight_codes
 
 
 @pytest.fixture

@@ -3,9 +3,9 @@ the large-kernel attention block (VAN's Attention), forward and backward, contig
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close, fixture
 
 import lrq
-from conftest import assert_close, fixture
 
 
 @pytest.mark.parametrize("sat", ["", "sat/"])

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-
 from conftest import ROOT, TEACHER_HELP, run_script, teacher_path
 
 DATA = os.environ.get("CLEANQD_TEST_DATA")

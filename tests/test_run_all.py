@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, random_teacher
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -43,7 +42,8 @@ def test_smoke_budget_runs_every_method_and_reports(tiny_data, tmp_path):
     for line in rows:  # each row: 2 seeds, and its final mean equals the mean of the two summaries
         cells = [c.strip() for c in line.strip("|").split("|")]
         m = cells[0]
-        finals = [json.loads((out / "smoke" / f"cifar10__{m}__w4a4__seed{s}" / "summary.json").read_text())["final_top1"]
+        finals = [json.loads((out / "smoke" / f"cifar10__{m}__w4a4__seed{s}" / "summary.json").read_text())[
+            "final_top1"]
                   for s in (0, 1)]
         assert cells[4] == "2" and cells[7].startswith(f"{sum(finals) / 2:.2f}")
     # a second call skips every finished run and starts none
@@ -137,7 +137,9 @@ def test_plot_colours_a_method_the_same_in_every_panel():
 
 
 def test_report_labels_lrq_ablation_variants_apart():
-    lrq = lambda **kw: report.label({"method": "lrq", "no_lka": False, "ama_margin": 0.1, "kd": "dkd", **kw})
+    def lrq(**kw):
+        return report.label({"method": "lrq", "no_lka": False, "ama_margin": 0.1, "kd": "dkd", **kw})
+
     assert lrq() == "lrq"
     assert lrq(no_lka=True, kd="kl") == "lrq:ama0.1" and lrq(no_lka=True, ama_margin=0.3, kd="kl") == "lrq:ama0.3"
     assert lrq(ama_margin=0.0, kd="kl") == "lrq:lka" and lrq(no_lka=True, ama_margin=0.0) == "lrq:dkd"

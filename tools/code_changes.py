@@ -1,4 +1,4 @@
-"""Diagnostic: how many integer weight codes did training actually change?
+"""Diagnostic: how many integer weight codes did training actually change? (runs of the ZeroQ-quantizer methods)
 
 The student starts as a copy of the teacher, so its initial codes are the teacher's weights quantized. For a run's
 last checkpoint this prints, per quantized layer and in total, the fraction of codes that differ, plus the mean
@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import CifarResNet, NUM_CLASSES, QConv2d, QLinear, load_teacher, quantize_model, weight_codes  # noqa: E402
+from common import NUM_CLASSES, CifarResNet, QConv2d, QLinear, load_teacher, quantize_model, weight_codes  # noqa: E402
 
 
 def main(run_dir):
@@ -22,7 +22,7 @@ def main(run_dir):
     teacher, _ = load_teacher(args["teacher"], args["dataset"], args.get("teacher_depth", 20))
     student = quantize_model(CifarResNet(args.get("teacher_depth", 20), NUM_CLASSES[args["dataset"]]),
                              args["wbits"], args["abits"])
-    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
     student.load_state_dict(ckpt["student"])
     t_params = dict(teacher.named_parameters())
     changed = total = 0
@@ -37,7 +37,8 @@ def main(run_dir):
             print(f"{name:28s} {100 * n / c0.numel():13.3f}% {rel:18.2e}")
     bn = [(p.detach() - t_params[k].detach()).norm().item() / t_params[k].detach().norm().item()
           for k, p in student.named_parameters() if "bn" in k or "downsample.1" in k]
-    print(f"total: {changed}/{total} weight codes changed ({100 * changed / total:.3f}%), epoch {ckpt['epoch'] + 1}; "
+    print(f"total: {changed}/{total} weight codes changed ({100 * changed / total:.3f}%), after epoch "
+          f"{ckpt['epochs_done']}; "
           f"BN gamma/beta mean relative change {sum(bn) / len(bn):.2e}")
 
 

@@ -16,7 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parse(path):
     with open(path) as f:
         return ast.parse(f.read(), path)
@@ -41,7 +41,7 @@ def methods(root=ROOT):
     return dict(sorted(out.items(), key=lambda kv: (kv[1].get("year", 0), kv[0])))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variant_fn(path, method):
     for node in _parse(path).body:
         if isinstance(node, ast.FunctionDef) and node.name == "variant":

@@ -67,8 +67,8 @@ def fmt(xs):
 
 def table(groups, ablations=True, methods=None):
     """Markdown rows (variants included unless ablations=False; only labels of `methods` when given)."""
-    lines = ["| method | dataset | W/A | budget | seeds | teacher top-1 (ours) | calibrated | final top-1 | best top-1 | paper "
-             "| code |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | dataset | W/A | budget | seeds | teacher top-1 (ours) | calibrated | final top-1 | best top-1 "
+             "| paper | code |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=lambda k: (k[1], k[0], k[2], k[3], k[4])):
         method, ds, w, a, budget = key
         if (":" in method and not ablations) or (methods and base(method) not in methods):
@@ -197,9 +197,9 @@ def pivot(groups, budget="short"):
     return "\n".join(out).rstrip("\n")
 
 
-def update_readme(path, groups):
+def update_readme(path, groups, budget="short"):
     """The README's headline tables (current code, no variants: those are on the methods' pages)."""
-    return replace_between(path, BEGIN, END, pivot(groups))
+    return replace_between(path, BEGIN, END, pivot(groups, budget))
 
 
 def update_docs(docs_dir, groups):
@@ -223,6 +223,7 @@ def main(argv=None):
     p.add_argument("--plot", default="results/accuracy_vs_bits.png", help="plot to write (needs matplotlib)")
     p.add_argument("--readme", help="also refresh the headline tables between the markers of this README")
     p.add_argument("--docs", help="also refresh each <method>.md in this folder that holds the results-table markers")
+    p.add_argument("--budget", default="short", help="the budget of the README's headline tables")
     a = p.parse_args(argv)
     groups = collect(a.runs)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
@@ -238,7 +239,7 @@ def main(argv=None):
     print(f"report: {sum(len(v) for v in groups.values())} runs in {len(groups)} rows -> {a.out}"
           + (f", {a.plot}" if wrote else ""))
     if a.readme:
-        err = update_readme(a.readme, groups)
+        err = update_readme(a.readme, groups, a.budget)
         if err:  # bad input: one line, exit code 2 (the table and plot above are written)
             print(f"report: {err}", file=sys.stderr)
             sys.exit(2)
