@@ -15,21 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
-    NUM_CLASSES,
-    ArgumentParser,
-    CifarResNet,
-    Progress,
-    add_common_args,
-    at_least,
-    die,
-    load_cifar,
-    method_name,
-    parse_args,
-    setup,
-    swap_modules,
-    train_batches,
-)
+from common import (NUM_CLASSES, ArgumentParser, CifarResNet, Progress, add_common_args, at_least, die, load_cifar,
+                    method_name, parse_args, setup, swap_modules, train_batches)
 
 WBITS, ABITS = (1, 2, 4), (1, 2, 4, 8)
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method

@@ -12,22 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
-    NUM_CLASSES,
-    ArgumentParser,
-    Progress,
-    UpsampleConv3x3,
-    add_common_args,
-    at_least,
-    check_warmup,
-    lr_milestones,
-    method_name,
-    parse_args,
-    quantize_model,
-    set_calibrating,
-    set_lr,
-    setup,
-)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, at_least, check_warmup,
+                    lr_milestones, method_name, parse_args, quantize_model, set_calibrating, set_lr, setup)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method: its kind (which budget it gets), the bit-widths it runs by

@@ -14,22 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
-    NUM_CLASSES,
-    ArgumentParser,
-    Progress,
-    UpsampleConv3x3,
-    add_common_args,
-    at_least,
-    check_warmup,
-    lr_milestones,
-    method_name,
-    parse_args,
-    quantize_model,
-    set_calibrating,
-    set_lr,
-    setup,
-)
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, add_common_args, at_least, check_warmup,
+                    lr_milestones, method_name, parse_args, quantize_model, set_calibrating, set_lr, setup)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
@@ -165,17 +151,15 @@ class Generator(nn.Module):
 
 class BNStatsLoss:
     def __init__(self, teacher):
-        self.bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         self.stats, self.active = [], False
-        for bn in self.bns:
+        for bn in [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]:
             bn.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
         if self.active:  # biased batch variance as E[(x-c)^2] - (E[x]-c)^2, c = running mean: stable, one pass
             xc = inputs[0] - module.running_mean.view(1, -1, 1, 1)
             d = xc.mean((0, 2, 3))
-            var = (xc * xc).mean((0, 2, 3)) - d * d
-            self.stats.append((module, d + module.running_mean, var))
+            self.stats.append((module, d + module.running_mean, (xc * xc).mean((0, 2, 3)) - d * d))
 
     def __call__(self):
         """mean over BN layers of MSE(batch mean, running_mean) + MSE(batch var, running_var); clears stats."""

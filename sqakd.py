@@ -14,20 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
-    NUM_CLASSES,
-    ArgumentParser,
-    Progress,
-    add_common_args,
-    at_least,
-    die,
-    load_cifar,
-    method_name,
-    parse_args,
-    setup,
-    swap_modules,
-    train_batches,
-)
+from common import (NUM_CLASSES, ArgumentParser, Progress, add_common_args, at_least, die, load_cifar, method_name,
+                    parse_args, setup, swap_modules, train_batches)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)

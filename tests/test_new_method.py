@@ -180,27 +180,33 @@ def _defs(path):
     return {n.name: ast.dump(n) for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
 
 
-@pytest.mark.parametrize("script,names", [("ait.py", ["Generator", "BNStatsLoss", "build_student", "kd_loss"]),
-                                          ("akt.py", ["Generator", "BNStatsLoss", "build_student"]),
-                                          ("lrq.py", ["BNStatsLoss", "build_student"])])
+@pytest.mark.parametrize("script,names", [("ait.py", ["Generator", "build_student", "kd_loss"]),
+                                          ("akt.py", ["Generator", "build_student"]),
+                                          ("lrq.py", ["build_student"])])
 def test_per_script_copies_stay_identical_to_gdfq(script, names):
-    """Each script stands alone, so the GDFQ generator, BNS loss and student builder are copied: the copies must stay
-    GDFQ's (comments aside; LRQ's generator and AKT's and LRQ's KD differ on purpose)."""
+    """Each script stands alone, so the GDFQ generator and student builder are copied: the copies must stay GDFQ's
+    (comments aside; LRQ's generator and AKT's and LRQ's KD differ on purpose)."""
     ours, ref = _defs(script), _defs("gdfq.py")
     assert [n for n in names if ours[n] != ref[n]] == []
 
 
-@pytest.mark.slow
-def test_code_changes_tool_reports_a_run(tiny_data, teachers, tmp_path):
-    """tools/code_changes.py: per layer and in total, the fraction of integer weight codes that training changed."""
-    args = ["gdfq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
-            "--run-name", "c", "--threads", "1", "--lr-s", "0.5", *TINY["zero-shot"]]
-    assert run_script(args, cwd=ROOT).returncode == 0
-    r = run_script(["tools/code_changes.py", str(tmp_path / "c")], cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    rows = [x for x in r.stdout.splitlines() if x.startswith(("conv1 ", "layer", "fc ")) and "%" in x]
-    assert len(rows) == 22 and "after epoch 3" in r.stdout
-    total = r.stdout.split("total: ")[1].split(" weight codes")[0]
-    changed, n = map(int, total.split("/"))
-    assert n == 270896  # every conv and FC weight element of ResNet-20 (CIFAR-10)
-    assert 0 < changed < n  # a large lr changes some codes, not all
+def test_bns_loss_copies_agree():
+    """The BNS loss: ait/akt/lrq hold one text, and it computes GDFQ's values and gradients. (gdfq.py's own text
+    orders two operations differently: unifying the text moves float rounding and so every committed trajectory.)"""
+    copies = {s: _defs(s)["BNStatsLoss"] for s in ("ait.py", "akt.py", "lrq.py")}
+    assert len(set(copies.values())) == 1
+    import ait
+    import gdfq
+    teacher = random_teacher(10)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    out = []
+    for module in (gdfq, ait):
+        loss = module.BNStatsLoss(teacher)
+        loss.active = True
+        teacher(x)
+        loss.active = False
+        value = loss()
+        (grad,) = torch.autograd.grad(value, x)
+        out.append((value, grad))
+    assert torch.allclose(out[0][0], out[1][0], rtol=1e-6) and torch.allclose(out[0][1], out[1][1], rtol=1e-5,
+                                                                                atol=1e-9)

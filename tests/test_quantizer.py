@@ -2,17 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from common import (
-    CifarResNet,
-    QConv2d,
-    QLinear,
-    QuantReLU,
-    evaluate,
-    fake_quant,
-    quantize_model,
-    set_calibrating,
-    weight_codes,
-)
+from common import (CifarResNet, QConv2d, QLinear, QuantReLU, evaluate, fake_quant, quantize_model, set_calibrating,
+                    weight_codes)
 
 
 def test_fake_quant_hand_values():
