@@ -225,8 +225,8 @@ if __name__ == "__main__":
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
-        # DKD's reference ramps its loss in over the first --dkd-warmup student epochs (without it: NaN, see README);
-        # 0 during the warm-up, when the student takes no step
+        # DKD's reference ramps its loss in over the first --dkd-warmup student epochs (without it: NaN, see
+        # docs/lrq.md); 0 during the warm-up, when the student takes no step
         ramp = min(max(epoch + 1 - args.warmup_epochs, 0) / args.dkd_warmup, 1.0) if args.dkd_warmup else 1.0
         ramp = ramp if args.kd == "dkd" else 1.0
         for _ in progress.iterate(epoch, range(args.iters_per_epoch), args.iters_per_epoch):
