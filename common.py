@@ -87,7 +87,7 @@ def at_least(least):
         if v < least:
             raise argparse.ArgumentTypeError(f"{v} must be at least {least}")
         return v
-    parse.__name__ = f"int >= {least}"
+    parse.__name__ = "int"  # argparse says "invalid int value" for a non-number
     return parse
 
 
