@@ -207,3 +207,87 @@ def test_report_refreshes_each_docs_page_with_its_method_rows(tmp_path):
     assert (docs / "gdfq.md").read_text() == "# GDFQ, no table\n"
     every = (docs / "reproduce.md").read_text()
     assert "| faqd | cifar10 |" in every and "| faqd-frozen |" in every and "| gdfq | cifar10 |" in every
+
+
+GRID_ARGS = ["--budget", "smoke", "--seeds", "0 1", "--datasets", "cifar10", "--methods", "gdfq sqakd", "--bits", "4"]
+
+
+def test_list_prints_the_whole_grid_in_task_order(tmp_path):
+    r = run_all(*GRID_ARGS, "--list", "--out-dir", str(tmp_path))
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 0 and len(lines) == 4, r.stderr
+    names = [x.split("--run-name ")[1].split()[0] for x in lines]
+    assert names == ["cifar10__gdfq__w4a4__seed0", "cifar10__gdfq__w4a4__seed1", "cifar10__sqakd__w4a4__seed0",
+                     "cifar10__sqakd__w4a4__seed1"]
+    assert all(x.startswith(("python gdfq.py ", "python sqakd.py ")) for x in lines)
+    assert not os.path.exists(tmp_path / "smoke")  # listing makes nothing
+    assert run_all(*GRID_ARGS, "--task", "4", "--out-dir", str(tmp_path)).returncode == 2
+
+
+@pytest.mark.slow
+def test_slurm_array_runs_the_grid_once_resumes_and_reports_as_a_local_run(tiny_data, tmp_path):
+    """A fake sbatch records the submission; the generated script, executed once per array index, runs exactly the
+    grid (each run once), a stopped task resumes, a finished one is skipped, and the report equals a local run's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/usr/bin/env bash\necho "$@" > "$FAKE_SBATCH_LOG"\n'
+                                    'echo "Submitted batch job 7"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    tdir = teacher_dir(tmp_path)
+    out, local = tmp_path / "array", tmp_path / "local"
+    common = [*GRID_ARGS, "--data-dir", tiny_data, "--teacher-dir", tdir]
+    env = {**os.environ, "CLEANQD_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "FAKE_SBATCH_LOG": str(tmp_path / "sb"),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "run_all.sh", *common, "--out-dir", str(out), "--slurm", "--time=2:00:00 --mem=8G"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "Submitted batch job 7" in r.stdout, r.stderr
+    script = out / "smoke" / "slurm_array.sh"
+    assert (tmp_path / "sb").read_text().split() == [str(script)]
+    text = script.read_text()
+    assert "#SBATCH --array=0-3%1" in text and "#SBATCH --time=2:00:00" in text and "#SBATCH --mem=8G" in text
+    assert "#SBATCH --requeue" in text and "--task \"$SLURM_ARRAY_TASK_ID\"" in text
+    # task 1 was stopped after its first epoch (a preempted task): the array resumes it
+    first = run_all(*common, "--list", "--out-dir", str(out)).stdout.splitlines()[1].split()
+    assert subprocess.run([sys.executable, *first[1:], "--stop-after", "1"], cwd=ROOT, env=env,
+                          capture_output=True).returncode == 0
+    for i in range(4):
+        r = subprocess.run(["bash", str(script)], cwd=ROOT, env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+    runs = sorted(p.name for p in (out / "smoke").iterdir() if (p / "summary.json").exists())
+    assert runs == sorted(x.split("--run-name ")[1].split()[0] for x in run_all(*common, "--list").stdout.splitlines())
+    logs = {n: (out / "smoke" / f"{n}.log").read_text() for n in runs}
+    assert all(log.count("done: final top-1") == 1 for log in logs.values())  # each run finished exactly once
+    assert "resumed" in logs["cifar10__gdfq__w4a4__seed1"]
+    r = subprocess.run(["bash", str(script)], cwd=ROOT, env={**env, "SLURM_ARRAY_TASK_ID": "0"}, capture_output=True,
+                       text=True)
+    assert "already finished" in r.stdout
+    r = run_all(*common, "--out-dir", str(out), "--report-only", "--results-dir", str(tmp_path / "ra"))
+    assert r.returncode == 0
+    assert run_all(*common, "--out-dir", str(local), "--results-dir", str(tmp_path / "rl")).returncode == 0
+
+    def rows(d):
+        return [x for x in (d / "RESULTS.md").read_text().splitlines() if x.startswith(("| gdfq", "| sqakd"))]
+    assert rows(tmp_path / "ra") == rows(tmp_path / "rl") and len(rows(tmp_path / "ra")) == 2
+
+
+@pytest.mark.slow
+def test_a_task_forwards_sigterm_keeps_its_checkpoint_and_resumes(tiny_data, tmp_path):
+    import signal
+    import time
+    common = [*GRID_ARGS, "--data-dir", tiny_data, "--teacher-dir", teacher_dir(tmp_path), "--out-dir", str(tmp_path),
+              "--extra", "--iters-per-epoch 300"]
+    env = {**os.environ, "CLEANQD_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.Popen(["bash", "run_all.sh", *common, "--task", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "smoke" / "cifar10__gdfq__w4a4__seed0.log"
+    t0 = time.time()
+    while not (log.exists() and "epoch 1/2" in log.read_text()):
+        assert time.time() - t0 < 300 and p.poll() is None, log.read_text() if log.exists() else "no log"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 143 and "exit 143" in out, out
+    assert "interrupted (SIGTERM) in epoch 2/2" in log.read_text()
+    r = run_all(*common, "--task", "0")
+    assert r.returncode == 0 and "resumed" in log.read_text() and (log.parent / log.stem / "summary.json").exists()
