@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import platform
 import random
 import signal
 import sys
@@ -912,6 +913,8 @@ def setup(args):
     print(f"teacher: {info['layout']} ResNet-{args.teacher_depth} from {info['path']}")
     print(f"evaluation normalisation ({args.eval_norm}): mean {test.mean} std {test.std}")
     run = Run(args)
+    with open(info["path"], "rb") as f:
+        run.teacher_sha256 = hashlib.sha256(f.read()).hexdigest()
     _INTERRUPT["where"] = lambda: (f"before training resumed; continue with: python {script_name()} --resume {run.dir}"
                                    if args.resume else f"before the first epoch ended: nothing to resume; remove "
                                                        f"{run.dir} and start again")
@@ -953,6 +956,7 @@ class Progress:
         self.t_start, self.t_session = time.time() - elapsed, time.time()
         self.epochs_saved, self.epoch_now, self.first_eta_shown = self.start_epoch, None, False
         self.sums, self.counts, self.notes, self.iters_per_epoch, self.train_time = {}, {}, {}, 0, 0.0
+        self.images, self.images_time = 0, 0.0  # this session's, for the cost in summary.json
         _INTERRUPT["where"] = self._where
 
     def _where(self):
@@ -1032,6 +1036,7 @@ class Progress:
                 self.calib_top1 = self.top1
         elapsed = time.time() - self.t_start
         ips = images / max(train_time, 1e-9)
+        self.images, self.images_time = self.images + images, self.images_time + train_time
         eta = (time.time() - self.t_session) / (epoch + 1 - self.start_epoch) * (a.epochs - epoch - 1)
         _INTERRUPT["defer"] = True  # a signal now waits until the epoch's metrics and checkpoint are written
         self.run.log({"epoch": epoch + 1, "iteration": (epoch + 1) * self.iters_per_epoch, **losses,
@@ -1053,9 +1058,11 @@ class Progress:
             print(f"stopped after epoch {epoch + 1}; continue with: python {script_name()} --resume {self.run.dir}")
             raise SystemExit(0)
 
-    def finish(self, student, depth, num_classes, extra=None):
+    def finish(self, student, depth, num_classes, protocol=None, extra=None):
         """Write summary.json (and model.pt with --save-model, which load_quantized rebuilds through the script's
-        build_student(args, model of this depth and class count))."""
+        build_student(args, model of this depth and class count)). `protocol`: what makes this run's cell comparable,
+        as the script describes it (quantizer, activation ranges, training data, iterations, batch, teacher passes);
+        the teacher's file hash and top-1, the bits and the test split are added here, and the cost beside it."""
         a = self.args
         _INTERRUPT["where"] = None
         if a.save_model:
@@ -1065,9 +1072,16 @@ class Progress:
                 "depth": depth, "num_classes": num_classes, "wbits": a.wbits, "abits": a.abits,
                 "mean": list(self.test.mean), "std": list(self.test.std)})
         wall = time.time() - self.t_start
+        protocol = {**(protocol or {}), "dataset": a.dataset, "test_split": f"{a.dataset} test, {len(self.test.y)} "
+                    f"images", "wbits": a.wbits, "abits": a.abits, "teacher_sha256": self.run.teacher_sha256,
+                    "teacher_top1": self.teacher_top1, "eval_norm": a.eval_norm}
+        device = torch.cuda.get_device_name(torch.device(a.device)) if str(a.device).startswith("cuda") else \
+            (platform.processor() or platform.machine()) + f" ({torch.get_num_threads()} threads)"
+        cost = {"wall_seconds": wall, "device": device, "images_per_s": self.images / max(self.images_time, 1e-9)}
         self.run.summary({"teacher_top1": self.teacher_top1, "calibrated_top1": self.calib_top1,
                           "final_top1": self.top1, "best_top1": self.best, "epochs_done": a.epochs,
-                          "wall_seconds": wall, "run_dir": self.run.dir, "args": vars(a), **(extra or {})})
+                          "wall_seconds": wall, "run_dir": self.run.dir, "protocol": protocol, "cost": cost,
+                          "args": vars(a), **(extra or {})})
         print(f"done: final top-1 {self.top1:.2f}, best {self.best:.2f}, teacher {self.teacher_top1:.2f}, "
               f"wall {fmt_time(wall)}; summary in {os.path.join(self.run.dir, 'summary.json')}")
 

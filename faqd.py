@@ -263,4 +263,9 @@ if __name__ == "__main__":
         student.eval()
         progress.end_epoch(epoch, student, {"lr": lr}, args.iters_per_epoch * args.batch_size)
 
-    progress.finish(student, args.student_depth, num_classes)
+    progress.finish(student, args.student_depth, num_classes, {  # what makes this run's cell comparable
+        "quantizer": "faqd: projected weights (per layer), learnable-step quantized ReLU", "activation_ranges":
+        "float" if args.float_acts else f"learned step ({args.alpha_mode})",
+        "train_data": f"{args.dataset} train, first {args.train_subset or len(x_train)} images, labels unused",
+        "iterations": args.epochs * args.iters_per_epoch, "batch": args.batch_size,
+        "teacher_passes_per_iteration": "1 forward"})

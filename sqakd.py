@@ -222,4 +222,9 @@ if __name__ == "__main__":
         progress.end_epoch(epoch, student, {"lr": args.lr * cos, "lr_q": args.lr_q * cos},
                            args.iters_per_epoch * args.batch_size)
 
-    progress.finish(student, args.teacher_depth, num_classes)
+    progress.finish(student, args.teacher_depth, num_classes, {  # what makes this run's cell comparable
+        "quantizer": f"sqakd-{args.quantizer}: weights and activations per layer, learned ranges; first conv and FC "
+                     "full precision", "activation_ranges": "learned (initialised on one batch)",
+        "train_data": f"{args.dataset} train, first {args.train_subset or len(x_train)} images, labels unused",
+        "iterations": args.epochs * args.iters_per_epoch, "batch": args.batch_size,
+        "teacher_passes_per_iteration": "1 forward"})

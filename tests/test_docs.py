@@ -87,7 +87,8 @@ def commands(page):
     for m in re.finditer(r"(?:python (?:-m \S+ )?|\./)((?:[\w/]+/)?[\w]+\.(?:py|sh))([^\n`#|]*)", t):
         prog = m.group(1)
         prog = prog[:-3] if prog.endswith(".py") and "/" not in prog else prog
-        out.append((prog, re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", m.group(2))))
+        args = re.sub(r'"[^"]*"', "", m.group(2))  # a quoted value (e.g. --slurm "...") holds another program's flags
+        out.append((prog, re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", args)))
     return out
 
 

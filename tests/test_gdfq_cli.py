@@ -31,6 +31,14 @@ def test_smoke_end_to_end_and_saved_model(tiny_data, teachers, tmp_path):
     for k in ("teacher_top1", "calibrated_top1", "final_top1", "best_top1", "epochs_done", "wall_seconds"):
         assert s[k] is not None, k
     assert s["epochs_done"] == 3 and s["args"]["abits"] == 6 and s["best_top1"] >= s["final_top1"]
+    import hashlib
+    with open(teachers["cifar10"], "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    p = s["protocol"]  # what makes the cell comparable, and what the run cost
+    assert (p["iterations"], p["batch"], p["wbits"], p["abits"], p["teacher_sha256"]) == (6, 8, 4, 6, sha)
+    assert p["train_data"] == "generated" and p["activation_ranges"] == "plain EMA"
+    assert p["test_split"].endswith("30 images")
+    assert s["cost"]["images_per_s"] > 0 and s["cost"]["device"] and s["cost"]["wall_seconds"] == s["wall_seconds"]
     rows = metrics(d)
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # counted from 1, as on the console
     assert rows[-1]["eval/top1"] == s["final_top1"] and rows[0]["eval/top1"] == s["calibrated_top1"]

@@ -291,3 +291,23 @@ def test_a_task_forwards_sigterm_keeps_its_checkpoint_and_resumes(tiny_data, tmp
     assert "interrupted (SIGTERM) in epoch 2/2" in log.read_text()
     r = run_all(*common, "--task", "0")
     assert r.returncode == 0 and "resumed" in log.read_text() and (log.parent / log.stem / "summary.json").exists()
+
+
+def test_report_refuses_to_average_runs_of_different_protocols(tmp_path):
+    """Two seeds of one cell whose summaries record different protocols (here the training iterations): exit 2 and
+    a line naming the cell and the field; the same protocol passes."""
+    def summary(seed, iterations):
+        d = tmp_path / "runs" / "short" / f"cifar10__gdfq__w4a4__seed{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({
+            "final_top1": 80.0 + seed, "best_top1": 81.0, "calibrated_top1": 79.0, "teacher_top1": 92.6,
+            "args": {"method": "gdfq", "dataset": "cifar10", "wbits": 4, "abits": 4},
+            "protocol": {"iterations": iterations, "batch": 64, "teacher_sha256": "ab"}}))
+    summary(0, 800)
+    summary(1, 800)
+    args = ["tools/report.py", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "R.md"), "--plot",
+            str(tmp_path / "p.png")]
+    assert subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True).returncode == 0
+    summary(2, 1600)
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "cell gdfq cifar10 4 4 short mixes protocols (iterations differ)" in r.stderr
