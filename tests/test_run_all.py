@@ -276,7 +276,7 @@ def test_a_task_forwards_sigterm_keeps_its_checkpoint_and_resumes(tiny_data, tmp
     import signal
     import time
     common = [*GRID_ARGS, "--data-dir", tiny_data, "--teacher-dir", teacher_dir(tmp_path), "--out-dir", str(tmp_path),
-              "--extra", "--iters-per-epoch 300"]
+              "--extra", "--iters-per-epoch 120"]
     env = {**os.environ, "CLEANQD_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     p = subprocess.Popen(["bash", "run_all.sh", *common, "--task", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
