@@ -11,6 +11,7 @@ import pickle
 import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -144,7 +145,7 @@ def _on_signal(signum, frame):
 
 def script_name():
     """The file this program was started from (a renamed copy of a script names itself)."""
-    return os.path.basename(sys.argv[0]) or "script.py"
+    return os.path.basename(main_script())
 
 
 def _excepthook(kind, value, tb):
@@ -745,20 +746,29 @@ def rng_state():
 
 
 def set_rng_state(s):
+    """Restore rng_state()'s states (or those of a checkpoint written before they were stored as tensors)."""
     version, internal, gauss = s["python"]
-    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
+    internal = internal.tolist() if isinstance(internal, torch.Tensor) else internal
+    random.setstate((version, tuple(int(v) for v in internal), gauss))
     name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def load_trusted_free(path, what):
+# numpy arrays are the one thing beyond tensors and plain values that a checkpoint of an earlier version holds (its
+# RNG state); rebuilding an array runs no code of the file's choosing
+_NUMPY_ARRAYS = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_weights_only(path, what):
     """torch.load with weights_only=True: opening someone's file cannot run code; a file that needs more is refused
     with one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read {path} as a {what} ({type(e).__name__}); it was written by another version or "
                         "holds more than tensors and plain values, which cleanqd does not unpickle") from e
@@ -767,7 +777,6 @@ def load_trusted_free(path, what):
 def provenance(script):
     """Which code made a run: the git commit (and whether tracked files differed from it) of the folder holding the
     script, or, outside git, a SHA-256 of the script and common.py."""
-    import subprocess
     folder = os.path.dirname(os.path.abspath(script))
     try:
         run = dict(cwd=folder, capture_output=True, text=True, timeout=10, check=True)
@@ -830,11 +839,11 @@ class Run:
     def load_checkpoint(self):
         """The checkpoint, with metrics.jsonl trimmed to the epochs it covers (a line written after it, or cut
         short by a kill, is dropped)."""
-        state = load_trusted_free(self.ckpt_path, "checkpoint")
-        keep_up_to = state.get("epochs_done")  # metrics rows are numbered like it
-        if keep_up_to is None:  # a checkpoint written before epochs were counted from 1 (rows from 0, too)
-            state["epochs_done"] = keep_up_to = state["epoch"] + 1
-            keep_up_to -= 1
+        state = load_weights_only(self.ckpt_path, "checkpoint")
+        keep_up_to, shift = state.get("epochs_done"), 0  # metrics rows are numbered like it
+        if keep_up_to is None:  # a checkpoint written before epochs were counted from 1: its rows count from 0
+            keep_up_to, shift = state["epoch"], 1
+            state["epochs_done"] = state["epoch"] + 1
         if os.path.isfile(self.metrics_path):
             rows = []
             with open(self.metrics_path) as f:
@@ -846,7 +855,7 @@ class Run:
             with open(self.metrics_path, "w") as f:
                 for r in rows:
                     if r["epoch"] <= keep_up_to:
-                        f.write(json.dumps(r) + "\n")
+                        f.write(json.dumps({**r, "epoch": r["epoch"] + shift}) + "\n")
         return state
 
     def save_model(self, model, extra):
@@ -881,7 +890,7 @@ def load_quantized(path, device="cpu"):
     """Rebuild a student saved with --save-model: returns (model in eval mode with frozen quantizers, mean, std).
     The file is read with weights_only=True (no code runs); the student is built by the script that trained it
     (its build_student(args, teacher_shaped_model)), then its saved state is loaded."""
-    blob = load_trusted_free(path, "saved student (model.pt)")
+    blob = load_weights_only(path, "saved student (model.pt)")
     template = CifarResNet(blob["depth"], blob["num_classes"])
     if "script" in blob:
         module = import_script(blob["script"], blob.get("script_dir"))

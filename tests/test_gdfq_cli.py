@@ -231,3 +231,29 @@ def test_tensorboard_can_be_switched_on_when_resuming(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     assert gdfq.parse(["--resume", str(tmp_path), "--tensorboard"]).tensorboard is True
     assert gdfq.parse(["--resume", str(tmp_path)]).tensorboard is False
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_previous_format_still_resumes_exactly(tiny_data, teachers, tmp_path):
+    """Checkpoints written before this version hold the RNG states as pickled numpy arrays and count epochs from 0:
+    they load without unpickling anything else, resume exactly, and their metrics rows are renumbered from 1."""
+    import numpy as np
+    assert gdfq(tiny_data, teachers, tmp_path, "--run-name", "full").returncode == 0
+    assert gdfq(tiny_data, teachers, tmp_path, "--run-name", "old", "--stop-after", "1").returncode == 0
+    d = tmp_path / "old"
+    ckpt = torch.load(d / "checkpoint.pt", weights_only=True)
+    ckpt["epoch"] = ckpt.pop("epochs_done") - 1
+    del ckpt["teacher_top1"]
+    version, internal, gauss = ckpt["rng"]["python"]
+    name, keys, pos, has_gauss, cached = ckpt["rng"]["numpy"]
+    ckpt["rng"]["python"] = (version, tuple(internal.tolist()), gauss)
+    ckpt["rng"]["numpy"] = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    torch.save(ckpt, d / "checkpoint.pt")
+    rows = metrics(d)
+    (d / "metrics.jsonl").write_text("".join(json.dumps({**r, "epoch": r["epoch"] - 1}) + "\n" for r in rows))
+    r = run_script(["gdfq.py", "--resume", str(d)], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    a, b = metrics(tmp_path / "full"), metrics(d)
+    keys = [k for k in a[0] if k.startswith(("losses/", "eval/", "charts/lr"))]
+    assert [x["epoch"] for x in b] == [1, 2, 3]
+    assert [[x[k] for k in keys] for x in a] == [[x[k] for k in keys] for x in b]
