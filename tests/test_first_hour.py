@@ -10,16 +10,14 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 GENERATOR_SCRIPTS = ["gdfq.py", "ait.py", "akt.py", "lrq.py"]
 SCRIPTS = GENERATOR_SCRIPTS + ["faqd.py", "sqakd.py"]
 
 
-def run(args, **kw):
-    env = {**os.environ, "CLEANQD_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          **kw)
+def run(args):
+    return run_script(args, cwd=ROOT)
 
 
 def base(tiny_data, teachers, tmp_path, script="gdfq.py"):
