@@ -136,6 +136,12 @@ class Interrupted(BaseException):
 _INTERRUPT = {"defer": False, "pending": None, "where": None}  # `where`: a callable that describes the run's state
 
 
+def describe_interrupt(where):
+    """What an interruption says about the run from now on: `where()` returns the state and what to do (e.g. a
+    stage before the first epoch that keeps its own progress); Progress replaces it when the epochs start."""
+    _INTERRUPT["where"] = where
+
+
 def _on_signal(signum, frame):
     if _INTERRUPT["defer"]:
         _INTERRUPT["pending"] = signum

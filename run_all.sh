@@ -86,6 +86,9 @@ case "$BUDGET" in
          LABEL_FREE_ARGS="--epochs 1 --train-subset 32 --batch-size 8";;
 esac
 
+declare -A METHOD_BUDGET_ARGS  # flags a method's GRID adds for this budget (e.g. the size of a synthesis stage)
+while IFS=$'\t' read -r name a; do METHOD_BUDGET_ARGS[$name]=$a; done < <(python tools/grid.py --budget-args "$BUDGET")
+
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$NGPU" -gt 0 ]; then THREADS=0; else THREADS=$(( $(nproc) / JOBS )); [ "$THREADS" -lt 1 ] && THREADS=1; fi
 
@@ -110,6 +113,7 @@ for ds in $DATASETS; do
       label-free) budget_args="$LABEL_FREE_ARGS";;
       *) echo "error: $m.py declares kind '${KIND[$m]}'; run_all.sh knows zero-shot and label-free" >&2; exit 2;;
     esac
+    budget_args="$budget_args ${METHOD_BUDGET_ARGS[$m]:-}"
     for b in ${BITS:-${DEFAULT_BITS[$m]}}; do
       [[ "${SUPPORTED_BITS[$m]}" == *" $b "* ]] || { [ "$LIST_ONLY" = 1 ] || echo "note: $m does not support W${b}A${b}; skipped" >&2; continue; }
       for s in $SEEDS; do

@@ -21,13 +21,15 @@ def no_tf32():
 GEN = ["--epochs", "2", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8",
        "--milestones-from", "train"]
 REAL = ["--epochs", "2", "--train-subset", "16", "--batch-size", "8"]
+SYN = ["--num-images", "8", "--syn-batch", "4", "--syn-iters", "2"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [("gdfq.py", GEN), ("ait.py", GEN), ("akt.py", GEN),
                                           ("akt.py", GEN + ["--base", "gdfq"]), ("lrq.py", GEN),
                                           ("faqd.py", REAL), ("faqd.py", REAL + ["--fa-type", "ffa"]),
-                                          ("sqakd.py", REAL)])
+                                          ("sqakd.py", REAL),
+                                          ("synq.py", GEN + SYN)])
 def test_script_end_to_end_on_cuda(script, extra, tiny_data, teachers, tmp_path):
     r = run_script([script, "--device", "cuda", "--data-dir", tiny_data, "--teacher", teachers["cifar10"],
                     "--out-dir", str(tmp_path), "--run-name", "r", *extra], cwd=ROOT)

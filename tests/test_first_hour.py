@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
-GENERATOR_SCRIPTS = ["gdfq.py", "ait.py", "akt.py", "lrq.py"]
+GENERATOR_SCRIPTS = ["gdfq.py", "ait.py", "akt.py", "lrq.py", "synq.py"]
 SCRIPTS = GENERATOR_SCRIPTS + ["faqd.py", "sqakd.py"]
 
 

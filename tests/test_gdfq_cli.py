@@ -177,6 +177,7 @@ RESUMABLE = {  # every other script: stopped inside its student epochs, then res
     "faqd-ffa": ["faqd.py", "--epochs", "3", "--train-subset", "16", "--batch-size", "8", "--fa-type", "ffa"],
     "faqd-frozen": ["faqd.py", "--epochs", "3", "--train-subset", "16", "--batch-size", "8", "--alpha-mode", "frozen"],
     "sqakd": ["sqakd.py", "--epochs", "3", "--train-subset", "16", "--batch-size", "8"],
+    "synq": ["synq.py", *TINY, "--num-images", "8", "--syn-batch", "4", "--syn-iters", "2"],
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, random_teacher, run_script
 
-SCRIPTS = ["gdfq", "ait", "akt", "lrq", "faqd", "sqakd"]
+SCRIPTS = ["gdfq", "ait", "akt", "lrq", "faqd", "sqakd", "synq"]
 TINY = {"zero-shot": ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8",
                       "--milestones-from", "train"],
         "label-free": ["--epochs", "3", "--train-subset", "16", "--batch-size", "8"]}
@@ -26,6 +26,13 @@ def kind(script):
     return grid.methods()[script]["kind"]
 
 
+def tiny(script):
+    """The smallest run of a script: its kind's tiny budget plus what its GRID adds for the smoke budget."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import grid
+    return [*TINY[kind(script)], *grid.methods()[script].get("budget_args", {}).get("smoke", "").split()]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_renamed_copy_runs_resumes_and_names_itself(script, tiny_data, teachers, tmp_path):
@@ -35,7 +42,7 @@ def test_a_renamed_copy_runs_resumes_and_names_itself(script, tiny_data, teacher
     shutil.copy(os.path.join(ROOT, "common.py"), work)
     shutil.copy(os.path.join(ROOT, f"{script}.py"), work / "mykd.py")
     args = ["mykd.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path / "runs"),
-            "--threads", "1", "--device", "cpu", "--save-model", *TINY[kind(script)]]
+            "--threads", "1", "--device", "cpu", "--save-model", *tiny(script)]
     r = run_script([*args, "--stop-after", "2"], cwd=work)
     assert r.returncode == 0, r.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -64,7 +71,7 @@ def test_every_saved_student_loads_and_scores_the_final_top1(script, tiny_data, 
     path = tmp_path / "teacher.pth"
     torch.save(teacher.state_dict(), path)
     r = run_script([f"{script}.py", "--data-dir", tiny_data, "--teacher", str(path), "--out-dir", str(tmp_path),
-                    "--run-name", "r", "--threads", "1", "--save-model", *TINY[kind(script)]], cwd=ROOT)
+                    "--run-name", "r", "--threads", "1", "--save-model", *tiny(script)], cwd=ROOT)
     assert r.returncode == 0, r.stderr
     model, mean, std = load_quantized(str(tmp_path / "r" / "model.pt"))
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["student"]

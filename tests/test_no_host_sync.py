@@ -77,6 +77,9 @@ CASES = {  # script, extra flags, (flags for n iterations per epoch)
                  lambda n: ["--train-subset", str(4 * n)]),
     "sqakd": ("sqakd.py", ["--epochs", "1", "--batch-size", "4", "--threads", "1"],
               lambda n: ["--train-subset", str(4 * n)]),
+    # the synthesis stage reads its loss once per Adam step (the plateau rule), a fixed number here
+    "synq": ("synq.py", ["--num-images", "8", "--syn-batch", "4", "--syn-iters", "2"],
+             lambda n: ["--iters-per-epoch", str(n)]),
 }
 
 
@@ -86,7 +89,7 @@ def test_no_host_sync_per_iteration(case, tiny_data, teachers, tmp_path, monkeyp
     monkeypatch.setenv("CLEANQD_OFFLINE", "1")
     script, extra, iters = CASES[case]
     base = ["--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path), "--device", "cpu"]
-    gen = GEN if script in ("gdfq.py", "ait.py", "akt.py", "lrq.py") else []
+    gen = GEN if script in ("gdfq.py", "ait.py", "akt.py", "lrq.py", "synq.py") else []
     two = count_syncs(script, base + gen + extra + iters(2) + ["--run-name", "two"])
     four = count_syncs(script, base + gen + extra + iters(4) + ["--run-name", "four"])
     assert sum(two.values()) > 0  # the counter sees the per-epoch ones (else this test could not fail)

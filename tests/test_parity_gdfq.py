@@ -125,7 +125,9 @@ def test_generator_initialisation_and_images(upsample_bypass):
         if f"init/{k}" in ref:
             assert torch.equal(v, ref[f"init/{k}"]), k
     with torch.no_grad():
-        assert torch.equal(gen(ref["z"], ref["y"]), ref["images"])  # the reference's upsample + conv: exact
+        # the reference's upsample + conv: bit-exact on the machine that made the fixture; another CPU's conv kernels
+        # (an AMX Xeon's oneDNN) round differently, 5e-6 at most here
+        assert_close(gen(ref["z"], ref["y"]), ref["images"], 1e-5, "generated images")
 
 
 def test_generator_images_with_our_upsample_conv():

@@ -32,7 +32,7 @@ def test_smoke_budget_runs_every_method_and_reports(tiny_data, tmp_path):
     r = run_all("--budget", "smoke", "--bits", "4", "--seeds", "0 1", "--datasets", "cifar10", "--data-dir", tiny_data,
                 "--teacher-dir", teacher_dir(tmp_path), "--out-dir", str(out), "--results-dir", str(res), "--jobs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
-    methods = ["gdfq", "ait", "akt", "lrq", "faqd", "sqakd"]
+    methods = ["gdfq", "ait", "akt", "lrq", "faqd", "sqakd", "synq"]
     for m in methods:
         for s in (0, 1):
             assert (out / "smoke" / f"cifar10__{m}__w4a4__seed{s}" / "summary.json").exists(), m
@@ -49,7 +49,7 @@ def test_smoke_budget_runs_every_method_and_reports(tiny_data, tmp_path):
     # a second call skips every finished run and starts none
     r2 = run_all("--budget", "smoke", "--bits", "4", "--seeds", "0 1", "--datasets", "cifar10", "--data-dir", tiny_data,
                  "--teacher-dir", str(tmp_path / "teachers"), "--out-dir", str(out), "--results-dir", str(res))
-    assert r2.returncode == 0 and "0 runs to do, 12 already finished (skipped)" in r2.stdout
+    assert r2.returncode == 0 and "0 runs to do, 14 already finished (skipped)" in r2.stdout
 
 
 @pytest.mark.slow
@@ -311,3 +311,16 @@ def test_report_refuses_to_average_runs_of_different_protocols(tmp_path):
     summary(2, 1600)
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "cell gdfq cifar10 4 4 short mixes protocols (iterations differ)" in r.stderr
+
+
+def test_a_method_grid_adds_its_own_budget_flags():
+    """GRID["budget_args"] adds flags for one budget (synq: the size of its synthesis stage), after the shared ones."""
+    for budget, flags in (("short", "--num-images 512 --syn-batch 256 --syn-iters 200"),
+                          ("smoke", "--num-images 16 --syn-batch 8 --syn-iters 2")):
+        r = run_all("--list", "--budget", budget, "--methods", "synq gdfq", "--datasets", "cifar10", "--bits", "4",
+                    "--seeds", "0")
+        synq_line, gdfq_line = r.stdout.strip().splitlines()
+        assert r.returncode == 0 and flags in synq_line and "--num-images" not in gdfq_line, r.stdout
+    r = run_all("--list", "--budget", "paper", "--methods", "synq", "--datasets", "cifar10", "--bits", "4",
+                "--seeds", "0")
+    assert "--num-images" not in r.stdout  # the paper budget: the script's own defaults

@@ -1,12 +1,14 @@
 """What the grid knows about each method, read from the method scripts themselves: every *.py next to common.py that
 defines a module-level GRID dict is a method, named after its file. GRID gives its kind (which budget run_all.sh
 gives it: "zero-shot" or "label-free"), the bit-widths the grid runs by default and those the script supports
-(W = A), the paper's year (table order) and, optionally, published numbers ("paper": {"cifar10 W4A4": [top-1,
-source]}, "variant_paper": {variant suffix: {...}}) or a "note". The script's `variant(args)` function names a run's
-row from its args. Nothing is imported: GRID is evaluated and `variant` executed on their own (so both must use
-nothing but literals, METHOD and builtins), which keeps this fast and free of torch.
+(W = A), the paper's year (table order), optionally flags that a budget adds for this method ("budget_args":
+{budget: "--flag value ..."}, e.g. for a stage the shared budget does not cover) and published numbers ("paper":
+{"cifar10 W4A4": [top-1, source]}, "variant_paper": {variant suffix: {...}}) or a "note". The script's `variant(args)`
+function names a run's row from its args. Nothing is imported: GRID is evaluated and `variant` executed on their own
+(so both must use nothing but literals, METHOD and builtins), which keeps this fast and free of torch.
 
     python tools/grid.py            # one line per method: name kind default-bits supported-bits
+    python tools/grid.py --budget-args short   # one line per method with extra flags: name<TAB>flags
 """
 import ast
 import functools
@@ -59,6 +61,11 @@ def label(args, root=ROOT):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--budget-args":
+        for name, g in methods(sys.argv[3] if len(sys.argv) > 3 else ROOT).items():
+            if g.get("budget_args", {}).get(sys.argv[2]):
+                print(f"{name}\t{g['budget_args'][sys.argv[2]]}")
+        sys.exit(0)
     root = sys.argv[1] if len(sys.argv) > 1 else ROOT
     for name, g in methods(root).items():
         print(name, g["kind"], ",".join(map(str, g["bits"])), ",".join(map(str, g["supported_bits"])))

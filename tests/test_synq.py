@@ -1,0 +1,109 @@
+"""synq.py: its pieces against hand computations (the augmentation, the selective CE, KD, FA), the synthesis cache
+(made once, continued after a kill, never regenerated on resume), and a run on the tiny dataset."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, random_teacher, run_script
+
+import synq
+
+SYN = ["--num-images", "8", "--syn-batch", "4", "--syn-iters", "2"]
+GEN = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8",
+       "--milestones-from", "train"]
+
+
+def test_random_resized_crop_full_crop_is_the_identity_and_crops_stay_in_scale():
+    x = torch.randn(64, 3, 32, 32)
+    same = synq.random_resized_crop(x, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.allclose(same, x, atol=1e-5)
+    # a constant image stays constant whatever the crop; a ramp's crop spans at least sqrt(0.5 * 3/4) of it
+    ramp = torch.linspace(-1, 1, 32).view(1, 1, 1, 32).expand(64, 1, 32, 32).contiguous()
+    out = synq.random_resized_crop(ramp)
+    span = (out[:, 0, 0, -1] - out[:, 0, 0, 0]) / 2  # the crop's width as a fraction of the image's
+    assert (span > math.sqrt(0.5 * 3 / 4) - 1e-3).all() and (span <= 1 + 1e-5).all()
+    assert span.std() > 0.05  # crops differ between images
+    const = torch.full((8, 3, 32, 32), 0.7)
+    assert torch.allclose(synq.random_resized_crop(const), const)
+
+
+def test_easy_ce_is_the_reference_masked_mean():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 3.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 2, 1])
+    easy = torch.tensor([True, False, True])
+    ce = synq.easy_ce(logits, y, easy)
+    # by hand: rows 0 and 2 with their labels, row 1 as zero logits with label 0 (log 3), mean over all three
+    by_hand = (-F.log_softmax(logits[0], 0)[0] - F.log_softmax(logits[2], 0)[1] + math.log(3)) / 3
+    assert torch.allclose(ce, by_hand)
+    ce.backward()
+    assert torch.equal(logits.grad[1], torch.zeros(3))  # a difficult sample gets no hard-label gradient
+
+
+def test_kd_loss_is_alpha_t2_batchmean_kl():
+    s, t = torch.randn(5, 10), torch.randn(5, 10)
+    T, a = 20.0, 20.0
+    p = F.softmax(t / T, 1)
+    by_hand = (p * (p.log() - F.log_softmax(s / T, 1))).sum() / 5 * a * T * T
+    assert torch.allclose(synq.kd_loss(s, t, T, a), by_hand, rtol=1e-4)
+
+
+def test_fa_loss_sums_layer_mses_of_normalised_channel_attention():
+    a = [torch.randn(2, 4, 3, 3), torch.randn(2, 8, 2, 2)]
+    b = [torch.randn(2, 4, 3, 3), torch.randn(2, 8, 2, 2)]
+    att = [lambda f: f.pow(2).mean((2, 3)) / f.pow(2).mean((2, 3)).norm(dim=1, keepdim=True)][0]
+    by_hand = sum(((att(x) - att(y)) ** 2).mean() for x, y in zip(a, b))
+    assert torch.allclose(synq.fa_loss(a, b), by_hand)
+
+
+def test_variant_names_the_switched_off_terms():
+    assert synq.variant({"lambda_ce": 0.5, "lambda_cam": 50, "lambda_pert": 1, "lambda_fa": 4000, "d_zero": 80}) \
+        == "synq"
+    assert synq.variant({"lambda_ce": 0.5, "lambda_cam": 0, "lambda_pert": 1, "lambda_fa": 4000, "d_zero": 0}) \
+        == "synq-nocam-nolpf"
+
+
+def test_synthesis_continues_a_cut_cache_exactly(tmp_path):
+    teacher = random_teacher(10).requires_grad_(False)
+
+    def make(n, folder, seed=0):
+        args = synq.parse(["--teacher", "chenyaofo", "--num-images", str(n), "--syn-batch", "3", "--syn-iters", "3"])
+        (tmp_path / folder).mkdir(exist_ok=True)
+        torch.manual_seed(seed)
+        return synq.synthesize(args, teacher, str(tmp_path / folder / "synthetic.pt"), torch.device("cpu"), 10)
+
+    x, y = make(6, "full")
+    after = torch.rand(1)
+    assert x.shape == (6, 3, 32, 32) and y.shape == (6,)
+    assert len(torch.load(tmp_path / "full" / "synthetic.pt", weights_only=True)["images"]) == 2
+    make(3, "one")  # its random state is the one after the first batch
+    cut = torch.load(tmp_path / "full" / "synthetic.pt", weights_only=True)  # as a run killed after batch 1 leaves it
+    cut["images"], cut["labels"] = cut["images"][:1], cut["labels"][:1]
+    cut["rng"] = torch.load(tmp_path / "one" / "synthetic.pt", weights_only=True)["rng"]
+    (tmp_path / "cut").mkdir()
+    torch.save(cut, tmp_path / "cut" / "synthetic.pt")
+    x2, y2 = make(6, "cut", seed=12345)  # a restarted process: its random state is the cache's
+    assert torch.equal(x2, x) and torch.equal(y2, y) and torch.equal(torch.rand(1), after)
+    x3, _ = make(6, "full", seed=99)  # a finished cache is loaded as it is
+    assert torch.equal(x3, x)
+    with pytest.raises(synq.UserError, match="made with other settings \\(num_images\\)"):
+        make(9, "full")
+
+
+@pytest.mark.slow
+def test_run_resume_and_the_cache_is_not_regenerated(tiny_data, teachers, tmp_path):
+    base = ["synq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
+            "--device", "cpu", "--threads", "1", *GEN, *SYN]
+    r = run_script([*base, "--run-name", "cut", "--stop-after", "2"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("synthesis batch") == 2
+    r = run_script(["synq.py", "--resume", str(tmp_path / "cut"), "--threads", "1"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "synthesis batch" not in r.stdout  # loaded from the run directory
+    s = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert s["epochs_done"] == 3 and s["final_top1"] is not None and s["calibrated_top1"] is not None
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert {"losses/kd", "losses/ce", "losses/fa", "losses/cam", "losses/loss_p", "charts/easy_frac"} <= set(rows[-1])
+    assert os.path.getsize(tmp_path / "cut" / "synthetic.pt") > 8 * 3 * 32 * 32 * 2  # float16 images
