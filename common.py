@@ -678,9 +678,10 @@ def augment(x, generator=None, pad=4):
     return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
 
 
-def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, labels=None):
+def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, labels=None, drop_last=True):
     """One epoch over a uint8 training split in a random order (torch's RNG on `device`): randomly cropped (black
-    padding) and flipped, then normalised batches on `device` (the last partial batch is dropped). Yields x, or
+    padding) and flipped, then normalised batches on `device` (the last partial batch is dropped unless
+    drop_last=False, as torch's DataLoader by default keeps it). Yields x, or
     (x, y) when labels are given. Keep the split (and labels) on `device` (`.to(device)` once): then nothing crosses
     from the host per batch, and on a GPU no step waits for it."""
     x_uint8 = x_uint8.to(device)  # no-op when it already lives there
@@ -688,7 +689,7 @@ def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, l
     m = torch.tensor(mean, device=device)
     s = torch.tensor(std, device=device)
     perm = torch.randperm(len(x_uint8), device=device)
-    for i in range(0, len(perm) - batch_size + 1, batch_size):
+    for i in range(0, len(perm) - (batch_size - 1 if drop_last else 0), batch_size):
         idx = perm[i:i + batch_size]
         x = x_uint8[idx]
         x = normalise(augment(x) if augment_images else x, m, s).contiguous(memory_format=torch.channels_last)

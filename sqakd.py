@@ -25,7 +25,8 @@ GRID = {"kind": "label-free", "bits": [1, 2, 3, 4], "supported_bits": [1, 2, 3, 
 
 def variant(args):
     """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
-    return METHOD if args.get("quantizer", "ewgs") == "ewgs" else f"{METHOD}-{args['quantizer']}"
+    name = METHOD if args.get("quantizer", "ewgs") == "ewgs" else f"{METHOD}-{args['quantizer']}"
+    return name + ("-keeplast" if args.get("last_batch") == "keep" else "")
 
 RECIPE = {  # the reference scripts' CIFAR settings
     "cifar10": dict(epochs=1200, batch_size=256, lr=1e-3, lr_q=1e-5, weight_decay=1e-4),
@@ -53,6 +54,8 @@ def parse(argv=None):
     p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
     p.add_argument("--train-subset", type=at_least(0), default=0, help="use only the first N training images (0: all)")
     p.add_argument("--no-augment", action="store_true", help="no random crop + flip")
+    p.add_argument("--last-batch", default="drop", choices=["drop", "keep"],
+                   help="the epoch's last, smaller batch: dropped, or trained on as the reference's DataLoader does")
     args = parse_args(p, argv, bits=(1, 8))
     for k, v in RECIPE[args.dataset].items():
         if getattr(args, k) is None:
@@ -185,7 +188,8 @@ if __name__ == "__main__":
     if args.train_subset:
         x_train = x_train[:args.train_subset]
     x_train = x_train.to(device)  # once: batches are cut and augmented there
-    args.iters_per_epoch = len(x_train) // args.batch_size
+    args.iters_per_epoch = (len(x_train) // args.batch_size if args.last_batch == "drop"
+                            else math.ceil(len(x_train) / args.batch_size))
     if args.iters_per_epoch == 0:
         die(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images")
 
@@ -207,7 +211,8 @@ if __name__ == "__main__":
             for group in o.param_groups:
                 group["lr"] = lr * cos
         student.train()
-        batches = train_batches(x_train, args.batch_size, test.mean, test.std, device, not args.no_augment)
+        batches = train_batches(x_train, args.batch_size, test.mean, test.std, device, not args.no_augment,
+                                drop_last=args.last_batch == "drop")
         for x in progress.iterate(epoch, batches, args.iters_per_epoch):
             with torch.no_grad():
                 t_logits = teacher(x)
@@ -220,7 +225,7 @@ if __name__ == "__main__":
             progress.add("losses/kd", loss)
         student.eval()
         progress.end_epoch(epoch, student, {"lr": args.lr * cos, "lr_q": args.lr_q * cos},
-                           args.iters_per_epoch * args.batch_size)
+                           len(x_train) if args.last_batch == "keep" else args.iters_per_epoch * args.batch_size)
 
     progress.finish(student, args.teacher_depth, num_classes, {  # what makes this run's cell comparable
         "quantizer": f"sqakd-{args.quantizer}: weights and activations per layer, learned ranges; first conv and FC "

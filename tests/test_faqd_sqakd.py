@@ -162,3 +162,28 @@ def test_random_crop_pads_black_before_normalising():
     white = torch.tensor([(1 - m) / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
     is_black, is_white = torch.isclose(out, black.expand_as(out)), torch.isclose(out, white.expand_as(out))
     assert bool((is_black | is_white).all()) and 0 < is_black.float().mean() < 0.25
+
+
+def test_train_batches_keeps_the_last_partial_batch_only_when_asked():
+    from common import train_batches
+    x = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    args = ((0.5,) * 3, (0.25,) * 3, "cpu")
+    assert [len(b) for b in train_batches(x, 4, *args)] == [4, 4]
+    torch.manual_seed(0)
+    kept = list(train_batches(x, 4, *args, augment_images=False, drop_last=False))
+    assert [len(b) for b in kept] == [4, 4, 2]
+    seen = torch.cat(kept) * 0.25 + 0.5  # every image once, in some order
+    assert torch.allclose(seen.sum(0), (x.float() / 255).sum(0), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sqakd_last_batch_keep_trains_on_it(tiny_data, teachers, tmp_path):
+    """--last-batch keep (the reference's DataLoader): 20 images at batch 8 make 3 steps an epoch, not 2."""
+    for mode, steps in (("drop", 2), ("keep", 3)):
+        r = run_script(["sqakd.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir",
+                        str(tmp_path), "--run-name", mode, "--epochs", "2", "--train-subset", "20", "--batch-size", "8",
+                        "--last-batch", mode, "--threads", "1"], cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        assert [row["iteration"] for row in rows] == [steps, 2 * steps]
+        assert json.loads((tmp_path / mode / "summary.json").read_text())["protocol"]["iterations"] == 2 * steps

@@ -107,3 +107,33 @@ def test_run_resume_and_the_cache_is_not_regenerated(tiny_data, teachers, tmp_pa
     rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert {"losses/kd", "losses/ce", "losses/fa", "losses/cam", "losses/loss_p", "charts/easy_frac"} <= set(rows[-1])
     assert os.path.getsize(tmp_path / "cut" / "synthetic.pt") > 8 * 3 * 32 * 32 * 2  # float16 images
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_synthesis_says_how_to_go_on_and_nothing_is_lost(tiny_data, teachers, tmp_path):
+    """Ctrl-C after the first of two synthesis batches: one line naming the file and --synthetic; the same command
+    with --synthetic FILE makes only the second batch, and the set equals an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    syn = ["--num-images", "8", "--syn-batch", "4", "--syn-iters", "400"]
+    args = ["synq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
+            "--device", "cpu", "--threads", "1", *GEN, *syn]
+    assert run_script([*args, "--run-name", "full"], cwd=ROOT).returncode == 0
+    env = {**os.environ, "CLEANQD_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.Popen([sys.executable, *args, "--run-name", "cut"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if "synthesis batch 1/2" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    path = tmp_path / "cut" / "synthetic.pt"
+    assert p.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    assert "during the synthesis" in err and f"--synthetic {path}" in err and "Traceback" not in err
+    r = run_script([*args, "--run-name", "again", "--synthetic", str(path)], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "synthesis batch 2/2" in r.stdout and "synthesis batch 1/2" not in r.stdout
+    a = torch.load(tmp_path / "full" / "synthetic.pt", weights_only=True)
+    b = torch.load(path, weights_only=True)
+    assert all(torch.equal(x, y) for x, y in zip(a["images"], b["images"])) and len(b["images"]) == 2
