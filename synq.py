@@ -147,7 +147,8 @@ SYNTHESIS_FLAGS = ("dataset", "teacher_depth", "num_images", "syn_batch", "syn_i
 def synthesize(args, teacher, path, device, num_classes, teacher_sha256=None):
     """The synthetic set, made batch by batch into `path` (a killed run's file is continued from its last finished
     batch, with the random state saved there; a finished set is loaded, never regenerated). A file made with other
-    synthesis settings or another teacher is refused."""
+    synthesis settings or another teacher is refused; one made with another --seed is used as it is, and this run's
+    random state stays its own."""
     bn_stats, nb = BNStats(teacher), math.ceil(args.num_images / args.syn_batch)
     made_with = {**{k: getattr(args, k) for k in SYNTHESIS_FLAGS}, "teacher_sha256": teacher_sha256}
     cache = {"images": [], "labels": [], "made_with": made_with, "seed": args.seed}
@@ -157,7 +158,8 @@ def synthesize(args, teacher, path, device, num_classes, teacher_sha256=None):
         if differ:
             raise UserError(f"--synthetic {path} was made with other settings ({', '.join(differ)}); use another file "
                             f"or the settings it was made with")
-        set_rng_state(cache["rng"])
+        if cache.get("seed") == args.seed:  # continue, or start training, exactly as the run that made it
+            set_rng_state(cache["rng"])
     if len(cache["images"]) < nb:
         print(f"synthesis: {args.num_images} images in {nb} batches of {args.syn_iters} Adam steps into {path}",
               flush=True)
@@ -168,7 +170,7 @@ def synthesize(args, teacher, path, device, num_classes, teacher_sha256=None):
         t0 = time.time()
         x, y, loss, acc = synthesize_batch(teacher, bn_stats, n, args.syn_iters, args.syn_lr, args.syn_beta,
                                            args.syn_gamma, num_classes, device)
-        cache["images"].append(x.half().cpu())  # float16 on disk: the set is 2 bytes a value (5,120 images: 31 MB)
+        cache["images"].append(x.cpu())  # float32, as the reference pickles it (5,120 images: 63 MB)
         cache["labels"].append(y.cpu())
         cache["rng"] = rng_state()
         torch.save(cache, path + ".tmp")
@@ -176,7 +178,7 @@ def synthesize(args, teacher, path, device, num_classes, teacher_sha256=None):
         dt = time.time() - t0
         print(f"synthesis batch {b + 1}/{nb} | loss {loss:.4g} | teacher top-1 on it {acc:.1f} | {dt:.0f} s | "
               f"ETA {fmt_time(dt * (nb - b - 1))}", flush=True)
-    return torch.cat(cache["images"]).float().to(device), torch.cat(cache["labels"]).to(device)
+    return torch.cat(cache["images"]).to(device), torch.cat(cache["labels"]).to(device)
 
 
 # ALGO LOGIC: the GDFQ conditional generator, trained in the warm-up so that its images calibrate the ranges

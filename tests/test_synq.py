@@ -68,8 +68,9 @@ def test_variant_names_the_switched_off_terms():
 def test_synthesis_continues_a_cut_cache_exactly(tmp_path):
     teacher = random_teacher(10).requires_grad_(False)
 
-    def make(n, folder, seed=0):
-        args = synq.parse(["--teacher", "chenyaofo", "--num-images", str(n), "--syn-batch", "3", "--syn-iters", "3"])
+    def make(n, folder, seed=0, arg_seed=0):
+        args = synq.parse(["--teacher", "chenyaofo", "--num-images", str(n), "--syn-batch", "3", "--syn-iters", "3",
+                           "--seed", str(arg_seed)])
         (tmp_path / folder).mkdir(exist_ok=True)
         torch.manual_seed(seed)
         return synq.synthesize(args, teacher, str(tmp_path / folder / "synthetic.pt"), torch.device("cpu"), 10)
@@ -84,10 +85,10 @@ def test_synthesis_continues_a_cut_cache_exactly(tmp_path):
     cut["rng"] = torch.load(tmp_path / "one" / "synthetic.pt", weights_only=True)["rng"]
     (tmp_path / "cut").mkdir()
     torch.save(cut, tmp_path / "cut" / "synthetic.pt")
-    x2, y2 = make(6, "cut", seed=12345)  # a restarted process: its random state is the cache's
+    x2, y2 = make(6, "cut", seed=12345)  # the same command restarted: its random state is the cache's
     assert torch.equal(x2, x) and torch.equal(y2, y) and torch.equal(torch.rand(1), after)
-    x3, _ = make(6, "full", seed=99)  # a finished cache is loaded as it is
-    assert torch.equal(x3, x)
+    x3, _ = make(6, "full", seed=99, arg_seed=99)  # a finished set is loaded as it is; another --seed keeps its state
+    assert torch.equal(x3, x) and torch.equal(torch.rand(3), torch.manual_seed(99) and torch.rand(3))
     with pytest.raises(synq.UserError, match="made with other settings \\(num_images\\)"):
         make(9, "full")
 
@@ -106,7 +107,7 @@ def test_run_resume_and_the_cache_is_not_regenerated(tiny_data, teachers, tmp_pa
     assert s["epochs_done"] == 3 and s["final_top1"] is not None and s["calibrated_top1"] is not None
     rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert {"losses/kd", "losses/ce", "losses/fa", "losses/cam", "losses/loss_p", "charts/easy_frac"} <= set(rows[-1])
-    assert os.path.getsize(tmp_path / "cut" / "synthetic.pt") > 8 * 3 * 32 * 32 * 2  # float16 images
+    assert os.path.getsize(tmp_path / "cut" / "synthetic.pt") > 8 * 3 * 32 * 32 * 4  # float32 images
 
 
 @pytest.mark.slow
