@@ -176,6 +176,13 @@ def test_readme_pivot_means_current_code_only(tmp_path):
     assert zs.splitlines()[0] == "| zero-shot (generated images) | CIFAR-10 W4A4 |"  # the superseded run's column
     assert "| gdfq | 82.00 ± 2.83 (2) |" in zs and "| ait | — |" in zs  # ... without its value
     assert "| sqakd | 70.00 (1) |" in lf and "| faqd | n/a |" in lf  # faqd ran only as a variant here
+    # the state of the art beside them: the highest published figure among the kind's methods, per column
+    import grid
+    best = max((g["paper"]["cifar10 W4A4"][0], m) for m, g in grid.methods().items()
+               if g["kind"] == "zero-shot" and "cifar10 W4A4" in g.get("paper", {}))
+    row = f"| best published (the papers' own figures) | {best[0]:.2f} ({best[1]}, paper budget) |"
+    assert zs.splitlines()[-1] == row
+    assert best[1] == "synq" and "best published" not in lf  # no label-free paper figures are declared
 
 
 def test_report_labels_the_parity_flags_apart():
