@@ -331,3 +331,41 @@ def test_a_method_grid_adds_its_own_budget_flags():
     r = run_all("--list", "--budget", "paper", "--methods", "synq", "--datasets", "cifar10", "--bits", "4",
                 "--seeds", "0")
     assert "--num-images" not in r.stdout  # the paper budget: the script's own defaults
+
+
+def test_drift_check_flags_a_run_outside_the_committed_band(tmp_path, capsys):
+    """report.py --check: 3 committed runs -> mean ± 3 std (82 ± 6); 1 committed run -> mean ± --margin; no committed
+    cell or another protocol -> listed, not drift; exit 1 only when a run drifted."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for seed, final in enumerate([80.0, 82.0, 84.0]):
+        write_summary(old, "smoke", f"g{seed}", "gdfq", final, final, seed)
+    write_summary(old, "smoke", "a0", "ait", 70.0, 70.0, 0)
+    write_summary(new, "smoke", "g0", "gdfq", 87.9, 87.9, 0)  # inside 82 ± 6
+    write_summary(new, "smoke", "a0", "ait", 71.5, 71.5, 0)  # inside 70 ± 2
+    write_summary(new, "smoke", "l0", "faqd", 10.0, 10.0, 0)  # nothing committed
+    with pytest.raises(SystemExit) as e:
+        report.main(["--runs", str(old), "--check", str(new)])
+    out = capsys.readouterr().out
+    assert e.value.code == 0, out
+    assert "ok     gdfq cifar10 4 4 smoke seed 0: 87.90 vs committed 82.00 ± 6.00 (3 std, 3 runs)" in out
+    assert "ok     ait cifar10 4 4 smoke seed 0: 71.50 vs committed 70.00 ± 2.00 (margin 2, n < 3, 1 runs)" in out
+    assert "new    faqd cifar10 4 4 smoke: nothing committed" in out and "0 of 2 runs drifted" in out
+    write_summary(new, "smoke", "g1", "gdfq", 88.1, 88.1, 1)  # outside
+    with pytest.raises(SystemExit) as e:
+        report.main(["--runs", str(old), "--check", str(new), "--margin", "1"])
+    out = capsys.readouterr().out
+    assert e.value.code == 1 and "DRIFT  gdfq cifar10 4 4 smoke seed 1: 88.10" in out
+    assert "DRIFT  ait cifar10 4 4 smoke seed 0: 71.50 vs committed 70.00 ± 1.00" in out and "2 of 3 runs" in out
+    # another protocol: not compared
+    p = old / "smoke" / "a0" / "summary.json"
+    s = json.loads(p.read_text())
+    s["protocol"] = {"train_data": "generated"}
+    p.write_text(json.dumps(s))
+    q = new / "smoke" / "a0" / "summary.json"
+    s2 = json.loads(q.read_text())
+    s2["protocol"] = {"train_data": "real"}
+    q.write_text(json.dumps(s2))
+    with pytest.raises(SystemExit):
+        report.main(["--runs", str(old), "--check", str(new)])
+    out = capsys.readouterr().out
+    assert "skip   ait cifar10 4 4 smoke: committed under another protocol (train_data differ)" in out

@@ -235,6 +235,37 @@ def update_docs(docs_dir, groups):
     return errors, done
 
 
+COST_FREE = ("teacher_top1",)  # protocol fields a new run re-measures (compared as results, not as the protocol)
+
+
+def check(new_groups, old_groups, margin):
+    """Drift check: every new run against the committed cell of the same row, dataset, bits, budget and protocol.
+    A run drifts when its final top-1 lies outside the committed mean ± 3 std (n >= 3 committed runs) or
+    mean ± `margin` points (n < 3). Returns (lines, number of drifted runs); cells with nothing committed, or
+    committed under another protocol, are listed and not counted as drift."""
+    lines, drifted = [], 0
+    for key, runs in sorted(new_groups.items()):
+        cell = " ".join(map(str, key))
+        old = old_groups.get(key, [])
+        proto = [r.get("protocol") or {} for r in runs + old]
+        fields = sorted({k for p in proto for k in p if k not in COST_FREE
+                         and len({repr(q.get(k)) for q in proto if q}) > 1})
+        if not old:
+            lines.append(f"new    {cell}: nothing committed to compare with")
+            continue
+        if fields:
+            lines.append(f"skip   {cell}: committed under another protocol ({', '.join(fields)} differ)")
+            continue
+        m, s = mean_std([r["final_top1"] for r in old])
+        band, how = (3 * s, "3 std") if len(old) >= 3 else (margin, f"margin {margin:g}, n < 3")
+        for r in runs:
+            x, ok = r["final_top1"], abs(r["final_top1"] - m) <= band + 1e-9
+            drifted += not ok
+            lines.append(f"{'ok    ' if ok else 'DRIFT '} {cell} seed {r['args'].get('seed')}: {x:.2f} vs committed "
+                         f"{m:.2f} ± {band:.2f} ({how}, {len(old)} runs)")
+    return lines, drifted
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="results/runs", help="folder searched for summary.json files")
@@ -243,7 +274,17 @@ def main(argv=None):
     p.add_argument("--readme", help="also refresh the headline tables between the markers of this README")
     p.add_argument("--docs", help="also refresh each <method>.md in this folder that holds the results-table markers")
     p.add_argument("--budget", default="short", help="the budget of the README's headline tables")
+    p.add_argument("--check", metavar="NEW_RUNS",
+                   help="drift check instead of a report: the runs under NEW_RUNS (NEW_RUNS/BUDGET/NAME) against the "
+                        "committed ones under --runs; exit 1 if any drifted")
+    p.add_argument("--margin", type=float, default=2.0,
+                   help="--check: allowed distance in top-1 points from a cell with fewer than 3 committed runs")
     a = p.parse_args(argv)
+    if a.check:
+        lines, drifted = check(collect(a.check), collect(a.runs), a.margin)
+        print("\n".join(lines) or f"report: no runs under {a.check}")
+        print(f"report: {drifted} of {sum(line.startswith(('ok', 'DRIFT')) for line in lines)} runs drifted")
+        sys.exit(1 if drifted else 0)
     groups = collect(a.runs)
     mixed = mixed_protocols(groups)
     if mixed:  # one cell, one protocol: refuse rather than average incomparable runs
