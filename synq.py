@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, ArgumentParser, BasicBlock, Progress, UpsampleConv3x3, add_common_args, at_least,
-                    UserError, check_warmup, describe_interrupt, fmt_time, lr_milestones, method_name, parse_args,
-                    quantize_model, rng_state, set_calibrating, set_lr, set_rng_state, setup)
+                    UserError, check_warmup, describe_interrupt, fmt_time, load_weights_only, lr_milestones,
+                    method_name, parse_args, quantize_model, rng_state, set_calibrating, set_lr, set_rng_state, setup)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2025,
@@ -116,12 +116,19 @@ class BNStats:
 
 
 # ALGO LOGIC: stage 1, the synthetic images (one batch: Gaussian pixels optimised against the teacher)
-def synthesize_batch(teacher, bn_stats, n, iters, lr, beta, gamma, num_classes, device):
+def synthesize_batch(teacher, bn_stats, n, iters, lr, beta, gamma, num_classes, device, batches_left=None):
+    """One batch of n images; with `batches_left`, a first ETA after a few steps (a batch can take minutes)."""
     x = torch.randn(n, 3, 32, 32, device=device).requires_grad_(True)
     y = torch.randint(0, num_classes, (n,), device=device)
     opt = torch.optim.Adam([x], lr=lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=50)
-    for _ in range(iters):
+    for step in range(iters):
+        if step == 1:
+            t1 = time.time()
+        elif step == 4 and batches_left is not None:
+            per = (time.time() - t1) / 3
+            print(f"synthesis: {per:.3g} s/step over steps 2-4: about {fmt_time(per * iters)} a batch, ETA of the "
+                  f"synthesis {fmt_time(per * iters * batches_left)}", flush=True)
         bn_stats.active = True
         logits = teacher(x)
         bn_stats.active = False
@@ -152,8 +159,12 @@ def synthesize(args, teacher, path, device, num_classes, teacher_sha256=None):
     bn_stats, nb = BNStats(teacher), math.ceil(args.num_images / args.syn_batch)
     made_with = {**{k: getattr(args, k) for k in SYNTHESIS_FLAGS}, "teacher_sha256": teacher_sha256}
     cache = {"images": [], "labels": [], "made_with": made_with, "seed": args.seed}
+    if os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"--synthetic {path}: give a file in an existing folder")
     if os.path.exists(path):
-        cache = torch.load(path, weights_only=True)
+        cache = load_weights_only(path, "synthetic set")
+        if not isinstance(cache, dict) or "images" not in cache or "made_with" not in cache:
+            raise UserError(f"--synthetic {path} is not a synthetic set written by this script")
         differ = [k for k in made_with if cache.get("made_with", {}).get(k) != made_with[k]]
         if differ:
             raise UserError(f"--synthetic {path} was made with other settings ({', '.join(differ)}); use another file "
@@ -164,12 +175,14 @@ def synthesize(args, teacher, path, device, num_classes, teacher_sha256=None):
         print(f"synthesis: {args.num_images} images in {nb} batches of {args.syn_iters} Adam steps into {path}",
               flush=True)
     describe_interrupt(lambda: f"during the synthesis; its finished batches are in {path}: run the same command with "
-                               f"--synthetic {path} to go on from there")
+                               f"--synthetic {path} to go on from there" if os.path.exists(path) else
+                       "during the synthesis's first batch: nothing to keep; start again")
     for b in range(len(cache["images"]), nb):
         n = min(args.syn_batch, args.num_images - b * args.syn_batch)
         t0 = time.time()
         x, y, loss, acc = synthesize_batch(teacher, bn_stats, n, args.syn_iters, args.syn_lr, args.syn_beta,
-                                           args.syn_gamma, num_classes, device)
+                                           args.syn_gamma, num_classes, device,
+                                           nb - b if b == len(cache["images"]) else None)
         cache["images"].append(x.cpu())  # float32, as the reference pickles it (5,120 images: 63 MB)
         cache["labels"].append(y.cpu())
         cache["rng"] = rng_state()

@@ -189,7 +189,8 @@ def _defs(path):
 
 @pytest.mark.parametrize("script,names", [("ait.py", ["Generator", "build_student", "kd_loss"]),
                                           ("akt.py", ["Generator", "build_student"]),
-                                          ("lrq.py", ["build_student"])])
+                                          ("lrq.py", ["build_student"]),
+                                          ("synq.py", ["Generator", "build_student"])])
 def test_per_script_copies_stay_identical_to_gdfq(script, names):
     """Each script stands alone, so the GDFQ generator and student builder are copied: the copies must stay GDFQ's
     (comments aside; LRQ's generator and AKT's and LRQ's KD differ on purpose)."""

@@ -138,3 +138,15 @@ def test_ctrl_c_during_the_synthesis_says_how_to_go_on_and_nothing_is_lost(tiny_
     a = torch.load(tmp_path / "full" / "synthetic.pt", weights_only=True)
     b = torch.load(path, weights_only=True)
     assert all(torch.equal(x, y) for x, y in zip(a["images"], b["images"])) and len(b["images"]) == 2
+
+
+def test_a_bad_synthetic_path_is_one_line_of_user_error(tmp_path):
+    args = synq.parse(["--teacher", "chenyaofo", "--num-images", "3", "--syn-batch", "3", "--syn-iters", "1"])
+    teacher = random_teacher(10).requires_grad_(False)
+    (tmp_path / "junk.pt").write_text("junk")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    for path, msg in ((tmp_path, "give a file in an existing folder"),
+                      (tmp_path / "no" / "x.pt", "give a file in an existing folder"),
+                      (tmp_path / "junk.pt", "cannot read"), (tmp_path / "other.pt", "is not a synthetic set")):
+        with pytest.raises(synq.UserError, match=msg):
+            synq.synthesize(args, teacher, str(path), torch.device("cpu"), 10)
