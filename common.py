@@ -509,9 +509,33 @@ def weight_codes(w, k):
     return (flat * s - z).round().clamp(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
 
 
+# Export contract (tools/export.py): a quantized module describes its quantizer with integer codes and scales, and
+# the tool, which knows no method, writes them out. A weight quantizer's export_weight() returns
+#   {"codes": int64 tensor (the weight's shape), "scale": float64 [Co] or [1], "zero": int64 [Co] or [1],
+#    "qmin", "qmax", "code_step", "bits", "out_scale", "quantizer"}
+# meaning  w_hat = scale * (codes - zero), with codes on qmin, qmin + code_step, ..., qmax, and the layer's output
+# multiplied by out_scale. An activation quantizer's export_act() (a module in a ReLU's place) or export_input() (a
+# layer that quantizes its own input) returns
+#   {"relu", "offset", "step", "zero", "rounding": "nearest" | "ceil", "qmin", "qmax", "out_step", "out_zero",
+#    "bits", "quantizer"}
+# meaning  codes = clamp(R((relu?(x) - offset) / step) + zero, qmin, qmax),  x_hat = out_step * (codes - out_zero).
+def zeroq_weight_export(w, k):
+    """ZeroQ's per-output-channel weight quantizer as codes q in [-2^(k-1), 2^(k-1)-1], w_hat = (q + z) / s."""
+    flat = w.detach().flatten(1)
+    s, z = scale_zero(flat.amin(1), flat.amax(1), k)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    q = (w.detach() * s.view(shape)).sub_(z.view(shape)).round_().clamp_(-(2 ** (k - 1)), 2 ** (k - 1) - 1)
+    return {"codes": q.long(), "scale": 1.0 / s.double(), "zero": (-z).long(), "qmin": -(2 ** (k - 1)),
+            "qmax": 2 ** (k - 1) - 1, "code_step": 1, "bits": k, "out_scale": 1.0,
+            "quantizer": "zeroq: asymmetric min/max per output channel"}
+
+
 class QConv2d(nn.Conv2d):
     """Conv2d whose weight is fake-quantized per output channel (min/max of the current float weight)."""
     wbits = 8
+
+    def export_weight(self):
+        return zeroq_weight_export(self.weight, self.wbits)
 
     def forward(self, x):
         w = self.weight
@@ -524,6 +548,9 @@ class QConv2d(nn.Conv2d):
 class QLinear(nn.Linear):
     """Linear whose weight is fake-quantized per output row."""
     wbits = 8
+
+    def export_weight(self):
+        return zeroq_weight_export(self.weight, self.wbits)
 
     def forward(self, x):
         w = self.weight
@@ -562,6 +589,13 @@ class QuantReLU(nn.Module):
                     self.hi.copy_(m * self.hi + (1 - m) * hi)
                 self.initialised.fill_(True)
         return fake_quant(x, self.lo, self.hi, self.abits)
+
+    def export_act(self):
+        s, z = scale_zero(self.lo, self.hi, self.abits)
+        return {"relu": True, "offset": 0.0, "step": 1.0 / s.item(), "zero": -int(z), "rounding": "nearest",
+                "qmin": -(2 ** (self.abits - 1)), "qmax": 2 ** (self.abits - 1) - 1, "out_step": 1.0 / s.item(),
+                "out_zero": -int(z), "bits": self.abits,
+                "quantizer": "zeroq: asymmetric per tensor, calibrated range (fixed)"}
 
     def extra_repr(self):
         return f"abits={self.abits}, momentum={self.momentum}, ema={self.ema}"
@@ -905,12 +939,33 @@ def load_quantized(path, device="cpu"):
         model = module.build_student(args, template)
     else:  # model.pt written before the script was recorded: the generator methods' ZeroQ student
         model = quantize_model(template, blob["wbits"], blob["abits"])
-    state = blob["state_dict"]
+    return _load_student_state(model, blob["state_dict"], device), tuple(blob["mean"]), tuple(blob["std"])
+
+
+def load_run_student(run_dir, device="cpu"):
+    """The student of a run directory: its model.pt (--save-model), else its last checkpoint.pt rebuilt through the
+    script named in args.json (the evaluation normalisation then comes from the run's teacher, which must be at
+    hand). Returns (model, mean, std) as load_quantized does."""
+    if os.path.isfile(os.path.join(run_dir, "model.pt")):
+        return load_quantized(os.path.join(run_dir, "model.pt"), device)
+    ckpt, args_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "args.json")
+    if not (os.path.isfile(ckpt) and os.path.isfile(args_path)):
+        raise UserError(f"{run_dir} holds neither model.pt nor checkpoint.pt + args.json: is it a run directory?")
+    with open(args_path) as f:
+        args = argparse.Namespace(**{**json.load(f), "device": str(device)})
+    _, info = load_teacher(args.teacher, args.dataset, args.teacher_depth)
+    depth = getattr(args, "student_depth", None) or args.teacher_depth
+    model = import_script(args.method).build_student(args, CifarResNet(depth, NUM_CLASSES[args.dataset]))
+    mean, std = eval_normalisation(args, info)
+    return _load_student_state(model, load_weights_only(ckpt, "checkpoint")["student"], device), mean, std
+
+
+def _load_student_state(model, state, device):
     if not any(k.endswith(".beta_t") for k in model.state_dict()):  # --act-ema reference's counter: calibration only
         state = {k: v for k, v in state.items() if not k.endswith(".beta_t")}
     model.load_state_dict(state)
     set_calibrating(model, False)
-    return model.to(device).eval(), tuple(blob["mean"]), tuple(blob["std"])
+    return model.to(device).eval()
 
 
 def fmt_time(seconds):

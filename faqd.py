@@ -75,23 +75,36 @@ def parse(argv=None):
 
 
 # ALGO LOGIC: FAQD's weight projections (per layer), applied in the forward; the update goes to the float copy
-def project_weight(w, bits):
+def projection_codes(w, bits):
+    """The projection as integer codes and one scale per layer: codes in {-1, +1} (1 bit; 0 only where w is exactly
+    0), {-1, 0, 1} (2 bits) or -7..7 (4 bits)."""
     a = w.abs()
     if bits == 1:  # sign(w) * mean|w|
-        return torch.sign(w) * a.mean()
+        return torch.sign(w), a.mean()
     if bits == 2:  # ternary: threshold 0.7 mean|w|, scale = mean of the kept magnitudes over all entries
         mask = (a >= 0.7 * a.mean()).float()
-        return torch.sign(w) * mask * (a * mask).mean()
+        return torch.sign(w) * mask, (a * mask).mean()
     # 4 bits: 15 symmetric levels; q in 0..7 at step 2*delta, least-squares scale sum|w|q / sum q^2
     delta = (a.max() / 15).clamp(max=10)
     q = torch.round(a / (2 * delta)).clamp(0, 7)
-    scale = (a * q).sum() / (q * q).sum().clamp(min=1e-12)
-    return torch.sign(w) * q * scale
+    return torch.sign(w) * q, (a * q).sum() / (q * q).sum().clamp(min=1e-12)
+
+
+def project_weight(w, bits):
+    codes, scale = projection_codes(w, bits)
+    return codes * scale
 
 
 class ProjConv2d(nn.Conv2d):
     """Conv2d whose forward uses the projected weight (gradient straight through to the float weight)."""
     wbits = 4
+
+    def export_weight(self):  # the export contract of common.py
+        codes, scale = projection_codes(self.weight.detach(), self.wbits)
+        lim, step = {1: (1, 2), 2: (1, 1), 4: (7, 1)}[self.wbits]
+        return {"codes": codes.long(), "scale": scale.double().reshape(1), "zero": torch.zeros(1, dtype=torch.long),
+                "qmin": -lim, "qmax": lim, "code_step": step, "bits": self.wbits, "out_scale": 1.0,
+                "quantizer": "faqd: symmetric projection, one scale per layer"}
 
     def forward(self, x):
         w = self.weight
@@ -134,6 +147,12 @@ class FAQDReLU(nn.Module):
         with torch.no_grad():
             self.alpha.clamp_(1e-3, 5)
         return _QReLU.apply(x, self.alpha, self.bits, self.rate)
+
+    def export_act(self):  # levels k*a, k = ceil(x / a) clamped to 0..L (x <= 0 gives 0)
+        a = self.alpha.detach().clamp(1e-3, 5).item()
+        return {"relu": True, "offset": 0.0, "step": a, "zero": 0, "rounding": "ceil", "qmin": 0,
+                "qmax": 2 ** self.bits - 1, "out_step": a, "out_zero": 0, "bits": self.bits,
+                "quantizer": "faqd: learnable-step quantized ReLU (ceil)"}
 
 
 # ALGO LOGIC: feature affinity (FA) and its fast sketch (FFA)

@@ -148,6 +148,40 @@ class UQConv2d(nn.Conv2d):
             self.init_ranges(x)
         return self.quant_forward(x)
 
+    # The export contract of common.py. Every quantizer here rounds m = round(xn * n) on n = 2^b - 1 steps of [0, 1]
+    @torch.no_grad()
+    def export_weight(self):
+        b, n, w = self.wbits, 2 ** self.wbits - 1, self.weight.detach()
+        if self.method == "lsq":  # w_hat = lo + m (hi - lo) / n = sW (m - 2^(b-1)); for 1 bit sW (2m - 1)
+            lo, hi = -(2 ** (b - 1)) * self.sW, (2 ** (b - 1) - 1 or 1) * self.sW
+            m = torch.round(((w - lo) / (hi - lo)).clamp(0, 1) * n)
+            codes, scale, qmin, step = (2 * m - 1, self.sW, -1, 2) if b == 1 else (m - 2 ** (b - 1), self.sW,
+                                                                                    -(2 ** (b - 1)), 1)
+            qmax = qmin + step * n
+        else:  # ewgs, pact, dorefa: w_hat = 2 m / n - 1 = (2m - n) / n
+            if self.method == "ewgs":
+                xn = ((w - self.lW) / (self.uW - self.lW)).clamp(0, 1)
+            else:
+                t = torch.tanh(w)
+                xn = t / (2 * t.abs().max()) + 0.5
+            codes, scale, qmin, qmax, step = 2 * torch.round(xn * n) - n, torch.tensor(1.0 / n), -n, n, 2
+        return {"codes": codes.long(), "scale": scale.double().reshape(1), "zero": torch.zeros(1, dtype=torch.long),
+                "qmin": qmin, "qmax": qmax, "code_step": step, "bits": b,
+                "out_scale": self.scale.abs().item() if self.method == "ewgs" else 1.0,
+                "quantizer": f"sqakd {self.method}: per-tensor weights (output x |scale| for ewgs)"}
+
+    @torch.no_grad()
+    def export_input(self):
+        n = 2 ** self.abits - 1
+        if self.method == "ewgs":  # a_hat = m / n, m = round((x - lA) / (uA - lA) * n): in [0, 1], not in x's units
+            lo, hi, out = self.lA.item(), self.uA.item(), 1.0 / n
+        else:
+            hi = {"pact": self.uA.item(), "dorefa": 1.0, "lsq": n * self.sA.item()}[self.method]
+            lo, out = 0.0, hi / n
+        return {"relu": False, "offset": lo, "step": (hi - lo) / n, "zero": 0, "rounding": "nearest", "qmin": 0,
+                "qmax": n, "out_step": out, "out_zero": 0, "bits": self.abits,
+                "quantizer": f"sqakd {self.method}: per-tensor input activations"}
+
 
 def build_student(args, teacher):
     """A copy of the teacher whose convs, except the first, are UQConv2d; the classifier stays FP."""
