@@ -712,7 +712,8 @@ def augment(x, generator=None, pad=4):
     return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
 
 
-def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, labels=None, drop_last=True):
+def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, labels=None, drop_last=True,
+                  memory_format=torch.channels_last):
     """One epoch over a uint8 training split in a random order (torch's RNG on `device`): randomly cropped (black
     padding) and flipped, then normalised batches on `device` (the last partial batch is dropped unless
     drop_last=False, as torch's DataLoader by default keeps it). Yields x, or
@@ -726,7 +727,7 @@ def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, l
     for i in range(0, len(perm) - (batch_size - 1 if drop_last else 0), batch_size):
         idx = perm[i:i + batch_size]
         x = x_uint8[idx]
-        x = normalise(augment(x) if augment_images else x, m, s).contiguous(memory_format=torch.channels_last)
+        x = normalise(augment(x) if augment_images else x, m, s).contiguous(memory_format=memory_format)
         yield x if labels is None else (x, labels[idx])
 
 

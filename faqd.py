@@ -60,6 +60,9 @@ def parse(argv=None):
     p.add_argument("--alpha-weight-decay", type=float, default=1e-6, help="weight decay of the activation steps")
     p.add_argument("--float-acts", action="store_true",
                    help="plain ReLU activations, only the weights projected (the reference's --fine_tuning mode)")
+    p.add_argument("--memory-format", default="channels_last", choices=["channels_last", "contiguous"],
+                   help="layout of the networks and batches: channels_last (faster) or contiguous (the reference's; "
+                        "its float rounding, step for step)")
     p.add_argument("--student-depth", type=int, default=None, help="student ResNet depth (default: the teacher's)")
     p.add_argument("--from-scratch", action="store_true",
                    help="random student init (the paper's end-to-end mode) instead of the teacher's weights")
@@ -225,13 +228,18 @@ def build_student(args, teacher):
         if isinstance(m, nn.ReLU) and not args.float_acts:
             return FAQDReLU(args.abits, args.alpha_rate)
         return None
-    return swap_modules(student, swap).to(args.device, memory_format=torch.channels_last)
+    return swap_modules(student, swap).to(args.device, memory_format=memory_format(args))
+
+
+def memory_format(args):
+    return torch.contiguous_format if getattr(args, "memory_format", "") == "contiguous" else torch.channels_last
 
 
 if __name__ == "__main__":
     args = parse()
     teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
+    teacher = teacher.to(memory_format=memory_format(args))
     x_train, y_train = load_cifar(args.dataset, args.data_dir, train=True)
     if args.train_subset:
         x_train, y_train = x_train[:args.train_subset], y_train[:args.train_subset]
@@ -260,7 +268,8 @@ if __name__ == "__main__":
         for group in opt.param_groups:
             group["lr"] = lr
         student.train()
-        batches = train_batches(x_train, args.batch_size, test.mean, test.std, device, labels=y_train)
+        batches = train_batches(x_train, args.batch_size, test.mean, test.std, device, labels=y_train,
+                                memory_format=memory_format(args))
         for x, y in progress.iterate(epoch, batches, args.iters_per_epoch):
             with torch.no_grad():
                 t_logits, t_feats = teacher.forward_features(x)

@@ -518,11 +518,13 @@ def main(argv=None):
                 d, close = near_ties(fake, v)
                 report[f"{k}_disagreements"], report[f"{k}_disagreements_near_ties"] = d, close
                 report[f"{k}_max_abs_logit_diff"] = float(np.abs(fake - v).max())
+                report[f"{k}_images_equal_logits"] = int((np.abs(fake - v).max(1) <= 1e-4 * np.abs(fake).max()).sum())
         print("  ".join(f"{k} {report[f'{k}_top1']:.2f}" for k in evals) + f"  ({len(y)} test images)")
         for k in evals:
             if k != "fake_quant":
                 print(f"  {k} vs fake_quant: {report[f'{k}_disagreements']} predictions differ "
-                      f"({report[f'{k}_disagreements_near_ties']} of them near-ties), max |logit diff| "
+                      f"({report[f'{k}_disagreements_near_ties']} of them near-ties); logits equal to float rounding "
+                      f"on {report[f'{k}_images_equal_logits']} images, max |logit diff| "
                       f"{report[f'{k}_max_abs_logit_diff']:.2e}")
     if a.bench:
         need("onnxruntime")
