@@ -130,6 +130,7 @@ def test_sqakd_initialisation_then_finite_first_step():
 @pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [("faqd.py", []),
                                           ("faqd.py", ["--fa-type", "ffa", "--wbits", "2", "--abits", "8"]),
+                                          ("faqd.py", ["--memory-format", "contiguous"]),
                                           ("sqakd.py", []), ("sqakd.py", ["--quantizer", "lsq", "--delta", "0.2"])])
 def test_smoke(script, extra, tiny_data, teachers, tmp_path):
     r = run_script([script, "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
@@ -174,6 +175,29 @@ def test_train_batches_keeps_the_last_partial_batch_only_when_asked():
     assert [len(b) for b in kept] == [4, 4, 2]
     seen = torch.cat(kept) * 0.25 + 0.5  # every image once, in some order
     assert torch.allclose(seen.sum(0), (x.float() / 255).sum(0), atol=1e-4)
+
+
+def test_faqd_memory_format_only_changes_the_layout():
+    """--memory-format contiguous (the reference's layout): the student's weights and the batches are contiguous,
+    the same images in the same order, and the student computes the same function to float rounding."""
+    from common import train_batches
+    from faqd import build_student
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    args = ((0.5,) * 3, (0.25,) * 3, "cpu")
+    torch.manual_seed(0)
+    (cl,) = train_batches(x, 8, *args)
+    torch.manual_seed(0)
+    (nc,) = train_batches(x, 8, *args, memory_format=torch.contiguous_format)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    assert nc.is_contiguous() and torch.equal(cl, nc)
+    teacher = random_teacher(10)
+    a = SimpleNamespace(student_depth=20, teacher_depth=20, from_scratch=False, wbits=4, abits=8, float_acts=False,
+                        alpha_rate=0.01, device="cpu")
+    s_cl = build_student(SimpleNamespace(**vars(a), memory_format="channels_last"), teacher).eval()
+    s_nc = build_student(SimpleNamespace(**vars(a), memory_format="contiguous"), teacher).eval()
+    assert s_cl.conv1.weight.is_contiguous(memory_format=torch.channels_last) and s_nc.conv1.weight.is_contiguous()
+    with torch.no_grad():
+        assert torch.allclose(s_cl.conv1(nc), s_nc.conv1(nc), atol=1e-5)
 
 
 @pytest.mark.slow
