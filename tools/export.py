@@ -543,7 +543,11 @@ def main(argv=None):
         report["bench"]["threads"] = a.threads or "default"
         print(f"ONNX Runtime, batch 100: quantized {1 / best['quantized']:.0f} img/s, float {1 / best['float']:.0f} "
               f"img/s, ratio {best['float'] / best['quantized']:.2f}")
-    with open(os.path.join(a.run_dir, "export.json"), "w") as f:
+    path = os.path.join(a.run_dir, "export.json")
+    if os.path.isfile(path):  # keep what an earlier --compare or --bench measured
+        with open(path) as f:
+            report = {**json.load(f), **report}
+    with open(path, "w") as f:
         json.dump(report, f, indent=1)
 
 
