@@ -260,9 +260,14 @@ def test_export_from_a_checkpoint_without_model_pt(tiny_data, tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"not a zip file")
+    (tmp_path / "run").mkdir()
+    torch.save({"state_dict": {}}, tmp_path / "run" / "model.pt")
     for args, words in ((["tools/export.py", str(tmp_path / "nope")], "no such run directory"),
                         (["tools/export.py", str(tmp_path)], "neither model.pt nor checkpoint.pt"),
-                        (["tools/export.py", "--int", str(tmp_path / "x.npz")], "no such file")):
+                        (["tools/export.py", "--int", str(tmp_path / "x.npz")], "no such file"),
+                        (["tools/export.py", "--int", str(tmp_path / "bad.npz")], "not a cleanqd integer export"),
+                        (["tools/export.py", str(tmp_path / "run")], "has no args.json")):
         r = run_script(args, cwd=ROOT)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

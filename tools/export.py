@@ -99,9 +99,12 @@ def export_npz(model, meta, path):
 
 
 def load_npz(path):
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(str(arrays.pop("meta")))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta")))
+    except (OSError, ValueError, KeyError) as e:
+        die(f"{path} is not a cleanqd integer export ({type(e).__name__}: {e})")
     if meta.get("format") != FORMAT:
         die(f"{path} is not a cleanqd integer export ({FORMAT})")
     return arrays, meta
@@ -468,10 +471,15 @@ def main(argv=None):
     from common import UserError, load_run_student
     if a.threads:
         torch.set_num_threads(a.threads)
+    saved = any(os.path.isfile(os.path.join(a.run_dir, f)) for f in ("model.pt", "checkpoint.pt"))
+    if saved and not os.path.isfile(os.path.join(a.run_dir, "args.json")):
+        die(f"{a.run_dir} has no args.json (the run's settings): pass the run directory the script wrote")
     try:
         model, mean, std = load_run_student(a.run_dir)
     except UserError as e:
         die(str(e))
+    except (KeyError, TypeError) as e:
+        die(f"{a.run_dir}: its model.pt or checkpoint.pt was not written by a cleanqd script (missing {e})")
     with open(os.path.join(a.run_dir, "args.json")) as f:
         run_args = json.load(f)
     meta = {"method": run_args["method"], "dataset": run_args["dataset"], "wbits": run_args["wbits"],
