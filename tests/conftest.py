@@ -127,6 +127,15 @@ def assert_teacher_acc_gen(rows, images_per_epoch):
         assert 0 <= acc <= 100 and abs(acc / step - round(acc / step)) < 1e-3, (acc, images_per_epoch)
 
 
+@pytest.fixture
+def float64():
+    """float64 as the default dtype for one test (tensors the code under test creates itself, e.g. random images)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 def fixture(method, name):
     """A reference-output file of tests/fixtures/<method>/ as a dict (a missing file is an error, not a skip)."""
     path = os.path.join(FIXTURES, method, name)

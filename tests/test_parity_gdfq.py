@@ -136,8 +136,8 @@ def test_generator_images_with_our_upsample_conv():
         assert_close(seeded_generator(ref)(ref["z"], ref["y"]), ref["images"], 1e-5, "images (UpsampleConv3x3)")
 
 
-def teacher_generator_loss(images):
-    teacher = parity_teacher()
+def teacher_generator_loss(images, dtype=torch.float32):
+    teacher = parity_teacher().to(dtype)
     bns = gdfq.BNStatsLoss(teacher)
     bns.active = True
     t_logits = teacher(images)
@@ -164,21 +164,26 @@ def test_bns_ce_generator_loss_and_image_gradient():
     assert_close(images.grad, ref["img_grad"], 1e-4, "d loss_G / d images")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bypass", [True, False])
-def test_generator_parameter_gradients(bypass, request):
+def test_generator_parameter_gradients(bypass, dtype, request):
+    """In float64 (generator and teacher cast; the exact function, both upsampling paths equal to 1e-14) against the
+    reference's float32 gradients, within that float32 run's own rounding (up to 1.5e-4, block2.3.bias). In float32
+    the bound is loose: a LeakyReLU input within rounding of 0 takes the other slope on another CPU or summation order
+    (fixture README), and the gradients then move by up to 1 % (measured 0.8 % on an AMD EPYC)."""
     ref, gen_ref = fixture("gdfq", "gen_loss.pt"), fixture("gdfq", "generator.pt")
     if bypass:
         request.getfixturevalue("upsample_bypass")
-    gen = seeded_generator(gen_ref)
-    t_logits, _, bns = teacher_generator_loss(gen(gen_ref["z"], gen_ref["y"]))
+    gen = seeded_generator(gen_ref).to(dtype)
+    t_logits, _, bns = teacher_generator_loss(gen(gen_ref["z"].to(dtype), gen_ref["y"]), dtype)
+    assert t_logits.dtype == dtype
     (F.cross_entropy(t_logits, gen_ref["y"]) + 0.1 * bns).backward()
-    # through UpsampleConv3x3 one LeakyReLU input near 0 flips sign in float32 (fixture README): tolerance 1e-2
-    tol = 1e-4 if bypass else 1e-2
+    tol, tol_norm = (3e-4, 1e-4) if dtype == torch.float64 else (2e-2, 2e-2)
     for name, p in gen.named_parameters():
         if name in ("block1.0.bias", "block2.0.bias"):  # feed a BatchNorm: exact gradient 0, both sides float noise
-            assert p.grad.abs().max() < 1e-5
+            assert p.grad.abs().max() < (1e-12 if dtype == torch.float64 else 1e-5)
             continue
-        assert_close(p.grad.norm(), ref[f"grad_norm/{name}"], tol, f"grad norm {name}")
+        assert_close(p.grad.norm(), ref[f"grad_norm/{name}"], tol_norm, f"grad norm {name}")
         if f"grad/{name}" in ref:
             assert_close(p.grad, ref[f"grad/{name}"], tol, f"grad {name}")
         if f"grad_head4096/{name}" in ref:

@@ -3,9 +3,11 @@ folder, checked out by you) on fixed inputs on the CPU. Nothing of the reference
 reference's own modules from REF_SRC and calls them; what it does around them (seeds, inputs, one training step
 composed as the reference's trainer composes it) is written out here in the open.
 
-    python tools/synq_parity.py /path/to/SynQ/src tests/fixtures/synq
+    python tools/synq_parity.py /path/to/SynQ/src tests/fixtures/synq [--float64]
 
-What is run (all float32, one thread):
+What is run (float32, one thread; with --float64 the synthesis and the fine-tuning step again in float64, the same
+networks cast to double, into synthesis_f64.pt and finetune_f64.pt, without the state dicts; Tensor.float() then
+casts to float64, since the reference builds a one-hot mask with it):
 - lowpass.pt: Trainer.apply_filters on random images for D0 = 80, 20, 5.
 - synthesis.pt: DistillData.get_distil_data (the synthesis of one batch of 8 CIFAR images, 1000 Adam steps,
   beta 0.1, gamma 0.5) with a random ResNet-20 teacher: the per-step losses it prints and the final images/labels.
@@ -67,20 +69,26 @@ def teacher_and_student():
     return t, s
 
 
-def main(src, out):
+def main(src, out, float64=False):
     torch.set_num_threads(1)
     trainer_direct, gradcam, distill_data = load_reference(src)
     Trainer = trainer_direct.Trainer
     os.makedirs(out, exist_ok=True)
+    suffix = "_f64" if float64 else ""
 
     # the low-pass filter
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 3, 32, 32, generator=g)
-    torch.save({"images": x, **{f"d{d}": Trainer.apply_filters(None, x, d) for d in (80, 20, 5)}},
-               os.path.join(out, "lowpass.pt"))
+    if not float64:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(4, 3, 32, 32, generator=g)
+        torch.save({"images": x, **{f"d{d}": Trainer.apply_filters(None, x, d) for d in (80, 20, 5)}},
+                   os.path.join(out, "lowpass.pt"))
 
     # the synthesis of one batch
     teacher, student = teacher_and_student()
+    if float64:  # the float32 networks, cast; every tensor the reference creates is float64 from here on
+        teacher, student = teacher.double(), student.double()
+        torch.set_default_dtype(torch.float64)
+        torch.Tensor.float = lambda self, *a, **k: self.to(torch.float64)  # its masks are built with .float()
     args = types.SimpleNamespace(lbns=False, num_data=8)
     dd = distill_data.DistillData(args)
     torch.manual_seed(123)
@@ -92,13 +100,13 @@ def main(src, out):
     import pickle
     stem = os.path.join(out, "resnet20_cifar10_%s_hardsample_beta0.1_gamma0.5_group1.pickle")
     with open(stem % "refined_gaussian", "rb") as f:
-        images = torch.tensor(pickle.load(f)[0])
+        images = torch.as_tensor(pickle.load(f)[0])
     with open(stem % "labels", "rb") as f:
         labels = torch.tensor(pickle.load(f)[0])
     for k in ("refined_gaussian", "labels"):
         os.remove(stem % k)
     torch.save({"seed": 123, "n": 8, "iters": 1000, "beta": 0.1, "gamma": 0.5, "losses": losses, "images": images,
-                "labels": labels}, os.path.join(out, "synthesis.pt"))
+                "labels": labels}, os.path.join(out, f"synthesis{suffix}.pt"))
     for m in teacher.modules():  # get_distil_data left its hooks on the teacher
         m._forward_hooks.clear()
 
@@ -141,13 +149,15 @@ def main(src, out):
     student.zero_grad()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-    torch.save({"x": x.detach(), "y": y, "easy": mask.bool(), "kd": kd.detach(), "ce": ce.detach(),
-                "fa": fa.detach().reshape(()), "pert": pert, "kd_p": kd_p.detach(), "ce_p": ce_p.detach(),
-                "cam_teacher": mask_t.detach(), "cam_student": mask_s.detach(), "loss_cam": loss_cam.detach(),
-                "loss": loss.detach().reshape(()), "grads": grads, "student_state": student.state_dict(),
-                "teacher_state": teacher.state_dict()}, os.path.join(out, "finetune.pt"))
+    result = {"x": x.detach(), "y": y, "easy": mask.bool(), "kd": kd.detach(), "ce": ce.detach(),
+              "fa": fa.detach().reshape(()), "pert": pert, "kd_p": kd_p.detach(), "ce_p": ce_p.detach(),
+              "cam_teacher": mask_t.detach(), "cam_student": mask_s.detach(), "loss_cam": loss_cam.detach(),
+              "loss": loss.detach().reshape(()), "grads": grads}
+    if not float64:
+        result.update(student_state=student.state_dict(), teacher_state=teacher.state_dict())
+    torch.save(result, os.path.join(out, f"finetune{suffix}.pt"))
     print("wrote", sorted(os.listdir(out)))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:3], float64="--float64" in sys.argv[3:])
