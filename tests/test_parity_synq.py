@@ -28,7 +28,7 @@ def test_low_pass_filter():
     assert torch.equal(synq.low_pass(ref["images"], 0), ref["images"])  # --d-zero 0: no filter
 
 
-def test_synthesis_losses_and_images():
+def test_synthesis_first_steps_losses():
     ref = fixture("synq", "synthesis.pt")
     teacher = CifarResNet(20, 10)
     teacher.load_state_dict(fixture("synq", "finetune.pt")["teacher_state"])  # the same random teacher

@@ -53,4 +53,9 @@ def main(root, out):
 
 
 if __name__ == "__main__":
+    if (len(sys.argv) < 3 or not os.path.isfile(os.path.join(sys.argv[1], "mdistiller", "distillers", "DKD.py"))
+            or not os.path.isfile(os.path.join(sys.argv[2], "dkd_loss.pt"))):
+        print("error: usage: python tools/lrq_parity.py MDISTILLER_CHECKOUT FIXTURE_DIR (the checkout must hold "
+              "mdistiller/distillers/DKD.py, FIXTURE_DIR dkd_loss.pt)", file=sys.stderr)
+        sys.exit(2)
     main(*sys.argv[1:3])

@@ -160,4 +160,8 @@ def main(src, out, float64=False):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3 or not os.path.isfile(os.path.join(sys.argv[1], "data_generate", "distill_data.py")):
+        print("error: usage: python tools/synq_parity.py SYNQ_CHECKOUT/src OUT_DIR [--float64] (SRC must hold "
+              "data_generate/distill_data.py)", file=sys.stderr)
+        sys.exit(2)
     main(*sys.argv[1:3], float64="--float64" in sys.argv[3:])
