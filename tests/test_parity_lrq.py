@@ -22,7 +22,7 @@ def test_dkd_loss_and_gradient(c, setting, sat, dtype):
     s = inputs[f"c{c}/s"].to(dtype).clone().requires_grad_(True)
     y = inputs[f"c{c}/y"]
     key = f"c{c}/{sat}{setting}"
-    tol, tol_tckd = (1e-12, 1e-12) if dtype == torch.float64 else (1e-4, 1e-2)
+    tol, tol_tckd = (1e-12, 1e-10) if dtype == torch.float64 else (1e-4, 1e-2)  # TCKD: fixtures README
     loss = lrq.dkd_loss(s, t, y, alpha, beta, T)
     loss.backward()
     assert torch.isfinite(loss) and loss.dtype == dtype

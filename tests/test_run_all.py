@@ -173,16 +173,25 @@ def test_readme_pivot_means_current_code_only(tmp_path):
     write_summary(tmp_path, "short", "e", "faqd", 50.0, 51.0, 0, alpha_mode="frozen")  # a variant: its page only
     text = report.pivot(report.collect(str(tmp_path)))
     zs, lf = text.split("\n\n")
-    assert zs.splitlines()[0] == "| zero-shot (generated images) | CIFAR-10 W4A4 |"  # the superseded run's column
-    assert "| gdfq | 82.00 ± 2.83 (2) |" in zs and "| ait | — |" in zs  # ... without its value
-    assert "| sqakd | 70.00 (1) |" in lf and "| faqd | n/a |" in lf  # faqd ran only as a variant here
+    # the superseded run's column, and a protocol column ("—": these summaries record none)
+    assert zs.splitlines()[0] == "| zero-shot (generated images) | CIFAR-10 W4A4 | protocol |"
+    assert "| gdfq | 82.00 ± 2.83 (2) | — |" in zs and "| ait | — | — |" in zs  # ... without its value
+    assert "| sqakd | 70.00 (1) | — |" in lf and "| faqd | n/a | — |" in lf  # faqd ran only as a variant here
     # the state of the art beside them: the highest published figure among the kind's methods, per column
     import grid
     best = max((g["paper"]["cifar10 W4A4"][0], m) for m, g in grid.methods().items()
                if g["kind"] == "zero-shot" and "cifar10 W4A4" in g.get("paper", {}))
-    row = f"| best published (the papers' own figures) | {best[0]:.2f} ({best[1]}, paper budget) |"
+    row = f"| best published (the papers' own figures) | {best[0]:.2f} ({best[1]}, paper budget) | paper budget |"
     assert zs.splitlines()[-1] == row
     assert best[1] == "synq" and "best published" not in lf  # no label-free paper figures are declared
+
+
+def test_protocol_tag_names_each_distinct_protocol_once():
+    def run(q, it, b):
+        return {"protocol": {"quantizer": q, "iterations": it, "batch": b}}
+    runs = [run("zeroq: per channel", 800, 64), run("zeroq: other words", 800, 64), run("sqakd-ewgs: x", 78, 256), {}]
+    assert report.protocol_tag(runs) == "zeroq, 800 × 64; sqakd-ewgs, 78 × 256"
+    assert report.protocol_tag([{}]) == "—"
 
 
 def test_report_labels_the_parity_flags_apart():
@@ -369,3 +378,11 @@ def test_drift_check_flags_a_run_outside_the_committed_band(tmp_path, capsys):
         report.main(["--runs", str(old), "--check", str(new)])
     out = capsys.readouterr().out
     assert "skip   ait cifar10 4 4 smoke: committed under another protocol (train_data differ)" in out
+    # --floor widens a band narrower than it (3 std = 6 here), never narrows one
+    with pytest.raises(SystemExit) as e:
+        report.main(["--runs", str(old), "--check", str(new), "--floor", "6.5"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "88.10 vs committed 82.00 ± 6.50 (floor 6.5 > 3 std, 3 runs)" in out
+    with pytest.raises(SystemExit) as e:
+        report.main(["--runs", str(old), "--check", str(new), "--floor", "1"])
+    assert e.value.code == 1 and "88.10 vs committed 82.00 ± 6.00 (3 std, 3 runs)" in capsys.readouterr().out

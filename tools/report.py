@@ -201,19 +201,33 @@ def pivot(groups, budget="short"):
         if not cols:
             continue
         out += [f"| {title} | " + " | ".join(f"{'CIFAR-10' if ds == 'cifar10' else 'CIFAR-100'} W{w}A{w}"
-                                              for ds, w in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+                                              for ds, w in cols) + " | protocol |", "|---" * (len(cols) + 2) + "|"]
         for m in methods:
             row = [f"{fmt([r['final_top1'] for r in cells[(m, ds, w)]])} ({len(cells[(m, ds, w)])})"
                    if (m, ds, w) in cells else "—" if (m, ds, w) in ran else "n/a" for ds, w in cols]
-            out.append(f"| {m} | " + " | ".join(row) + " |")
+            tag = protocol_tag([r for c in cols for r in cells.get((m, *c), [])])
+            out.append(f"| {m} | " + " | ".join(row) + f" | {tag} |")
         best = []  # the state of the art beside our rows: the highest figure the methods' papers publish per column
         for ds, w in cols:
             found = [(pn[0], m) for m in methods if (pn := paper_number(m, m, ds, w))]
             best.append(f"{max(found)[0]:.2f} ({max(found)[1]}, paper budget)" if found else "—")
         if any(b != "—" for b in best):
-            out.append("| best published (the papers' own figures) | " + " | ".join(best) + " |")
+            out.append("| best published (the papers' own figures) | " + " | ".join(best) + " | paper budget |")
         out.append("")
     return "\n".join(out).rstrip("\n")
+
+
+def protocol_tag(runs):
+    """A row's protocol in brief, from its runs' summaries: quantizer family, student iterations x batch (one entry
+    per distinct protocol; runs made before summaries recorded one are not described)."""
+    tags = []
+    for r in runs:
+        p = r.get("protocol")
+        if p:
+            tag = f"{p['quantizer'].split(':')[0]}, {p['iterations']} × {p['batch']}"
+            if tag not in tags:
+                tags.append(tag)
+    return "; ".join(tags) or "—"
 
 
 def update_readme(path, groups, budget="short"):
@@ -238,11 +252,12 @@ def update_docs(docs_dir, groups):
 COST_FREE = ("teacher_top1",)  # protocol fields a new run re-measures (compared as results, not as the protocol)
 
 
-def check(new_groups, old_groups, margin):
+def check(new_groups, old_groups, margin, floor=0.0):
     """Drift check: every new run against the committed cell of the same row, dataset, bits, budget and protocol.
-    A run drifts when its final top-1 lies outside the committed mean ± 3 std (n >= 3 committed runs) or
-    mean ± `margin` points (n < 3). Returns (lines, number of drifted runs); cells with nothing committed, or
-    committed under another protocol, are listed and not counted as drift."""
+    A run drifts when its final top-1 lies outside the committed mean ± 3 std (n >= 3 committed runs; never narrower
+    than ± `floor` points, the float-rounding spread between CPUs and thread counts) or mean ± `margin` points
+    (n < 3). Returns (lines, number of drifted runs); cells with nothing committed, or committed under another
+    protocol, are listed and not counted as drift."""
     lines, drifted = [], 0
     for key, runs in sorted(new_groups.items()):
         cell = " ".join(map(str, key))
@@ -258,6 +273,8 @@ def check(new_groups, old_groups, margin):
             continue
         m, s = mean_std([r["final_top1"] for r in old])
         band, how = (3 * s, "3 std") if len(old) >= 3 else (margin, f"margin {margin:g}, n < 3")
+        if len(old) >= 3 and band < floor:
+            band, how = floor, f"floor {floor:g} > 3 std"
         for r in runs:
             x, ok = r["final_top1"], abs(r["final_top1"] - m) <= band + 1e-9
             drifted += not ok
@@ -279,9 +296,12 @@ def main(argv=None):
                         "committed ones under --runs; exit 1 if any drifted")
     p.add_argument("--margin", type=float, default=2.0,
                    help="--check: allowed distance in top-1 points from a cell with fewer than 3 committed runs")
+    p.add_argument("--floor", type=float, default=0.0,
+                   help="--check: the narrowest band allowed around a cell with 3 or more committed runs, in top-1 "
+                        "points (3 std of near-identical seeds is narrower than another CPU's rounding)")
     a = p.parse_args(argv)
     if a.check:
-        lines, drifted = check(collect(a.check), collect(a.runs), a.margin)
+        lines, drifted = check(collect(a.check), collect(a.runs), a.margin, a.floor)
         print("\n".join(lines) or f"report: no runs under {a.check}")
         print(f"report: {drifted} of {sum(line.startswith(('ok', 'DRIFT')) for line in lines)} runs drifted")
         sys.exit(1 if drifted else 0)
