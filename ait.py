@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, UpsampleConv3x3, add_common_args, at_least,
-                    check_warmup, lr_milestones, method_name, parse_args, quantize_model, scale_zero, set_calibrating,
-                    set_lr, setup, weight_codes)
+from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, UpsampleConv3x3, accelerate,
+                    add_common_args, at_least, check_warmup, full_precision, lr_milestones, method_name, parse_args,
+                    quantize_model, scale_zero, set_calibrating, set_lr, setup, weight_codes)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
@@ -113,7 +113,7 @@ class BNStatsLoss:
 
     def _hook(self, module, inputs, output):
         if self.active:  # biased batch variance as E[(x-c)^2] - (E[x]-c)^2, c = running mean: stable, one pass
-            xc = inputs[0] - module.running_mean.view(1, -1, 1, 1)
+            xc = full_precision(inputs[0]) - module.running_mean.view(1, -1, 1, 1)
             d = xc.mean((0, 2, 3))
             self.stats.append((module, d + module.running_mean, (xc * xc).mean((0, 2, 3)) - d * d))
 
@@ -261,6 +261,7 @@ if __name__ == "__main__":
     milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     opt_gi = opts.get("opt_gi")
     progress = Progress(args, run, test, teacher_top1, {"student": student, "generator": generator, **opts})
+    accelerate(args, teacher, student, generator)  # --amp bf16 / --compile, in place (common.py); off by default
 
     for epoch in range(progress.start_epoch, args.epochs):
         warmup = epoch < args.warmup_epochs

@@ -120,6 +120,12 @@ def add_common_args(p, method):
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop cleanly after this epoch (resumable with --resume), e.g. for time-limited jobs")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the models (training steps and evaluation); the first iterations pay the "
+                        "compile time, reported on its own line")
+    p.add_argument("--amp", default="off", choices=["off", "bf16"],
+                   help="bf16 autocast for the models' convolutions and matmuls (quantizers, BN statistics and losses "
+                        "stay float32); off: float32 throughout, the default and the published protocol")
     p.set_defaults(method=method)
     return p
 
@@ -171,7 +177,7 @@ def _excepthook(kind, value, tb):
 
 # What a --resume may change: where and how fast it runs, how often it evaluates, what it writes on the side. Every
 # other flag given with --resume must equal the saved run's.
-RESUME_MAY_CHANGE = {"resume", "device", "threads", "tensorboard", "stop_after", "eval_every", "data_dir"}
+RESUME_MAY_CHANGE = {"resume", "device", "threads", "tensorboard", "stop_after", "eval_every", "data_dir", "compile"}
 
 
 def _fmt_flag(v):
@@ -316,6 +322,15 @@ class _Interleave(torch.autograd.Function):
         return gy, None
 
 
+def _interleave_traceable(y, co):
+    """_Interleave's forward from slices and stacks (same values): what torch.compile traces (--compile), as it
+    cannot trace a copy into strided views; autograd derives the backward."""
+    h, w = y.shape[2] - 1, y.shape[3] - 1
+    phase = [[y[:, (2 * a + c) * co:(2 * a + c + 1) * co, a:a + h, c:c + w] for c in (0, 1)] for a in (0, 1)]
+    out = torch.stack([torch.stack(phase[a], -1) for a in (0, 1)], 3)  # [B, Co, H, 2, W, 2]
+    return out.reshape(y.shape[0], co, 2 * h, 2 * w)
+
+
 class UpsampleConv3x3(nn.Conv2d):
     """Nearest x2 upsampling followed by a 3x3 conv (padding 1), computed without the upsampled tensor.
 
@@ -335,7 +350,8 @@ class UpsampleConv3x3(nn.Conv2d):
                          torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1)], 1)  # [2, 2, Co, Ci, 2, 2]
         k = k.reshape(4 * co, -1, 2, 2).contiguous(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)  # channels_last is faster on CPU (oneDNN) and GPU
-        out = _Interleave.apply(F.conv2d(F.pad(x, (1, 1, 1, 1)), k), co)
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k)
+        out = _interleave_traceable(y, co) if torch.compiler.is_compiling() else _Interleave.apply(y, co)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
@@ -574,7 +590,7 @@ class QuantReLU(nn.Module):
             self.register_buffer("beta_t", torch.ones(()))  # momentum^t after t updates
 
     def forward(self, x):
-        x = F.relu(x)
+        x = F.relu(full_precision(x))  # the quantizer runs in float32 (a bf16 input under --amp bf16 is cast up)
         if self.calibrating:
             with torch.no_grad():
                 lo, hi = x.detach().aminmax()
@@ -1004,6 +1020,63 @@ def setup(args):
     return teacher, info, test, run, teacher_top1
 
 
+def full_precision(x):
+    """x in float32 if it is a bf16/fp16 tensor (from --amp bf16), else x itself (float32 or float64 unchanged)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _to_float(out):
+    """float32 copies of the floating-point tensors in a model's output (a tensor, or a dict / list / tuple of them)."""
+    if isinstance(out, torch.Tensor):
+        return full_precision(out)
+    if isinstance(out, dict):
+        return {k: _to_float(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_float(v) for v in out)
+    return out
+
+
+def _compile_available(device):
+    """None if torch.compile works here (tried on a tiny function), else why not, in one line."""
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(4, device=device))
+        return None
+    except Exception as e:  # no C++ compiler, an unsupported Python, ...
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def accelerate(args, *models):
+    """--amp bf16 and --compile, applied in place to the script's models once they are all built (a copy made
+    afterwards, such as a student from the teacher, would share the wrapped forward). Parameters, buffers, state_dict
+    keys and checkpoints are unchanged, so a run resumes with or without --compile.
+    --amp bf16: each model's forward runs under bf16 autocast (convolutions and matmuls in bf16) and returns float32;
+    QuantReLU and the scripts' BN-statistics hooks cast their inputs to float32, so quantizers, statistics and losses
+    stay float32. --compile: nn.Module.compile() (torch.compile of each model's forward: the generator, teacher and
+    student steps and the evaluation forward); where torch.compile does not work, one line says why and the run
+    continues in eager mode (args.compile is then False in summary.json). The compiling itself happens in the first
+    iterations: Progress prints the first one's time on its own line."""
+    device_type = torch.device(args.device).type
+    if getattr(args, "amp", "off") == "bf16":
+        for m in models:
+            m.forward = _bf16_forward(m.forward, device_type)
+    if getattr(args, "compile", False):
+        why = _compile_available(args.device)
+        if why:
+            print(f"warning: --compile is unavailable here ({why}); running eager, results are the same")
+            args.compile = False
+            return
+        for m in models:
+            m.compile()
+
+
+def _bf16_forward(forward, device_type):
+    def bf16_forward(*a, **kw):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            out = forward(*a, **kw)
+        return _to_float(out)
+    return bf16_forward
+
+
 class Progress:
     """The bookkeeping every training loop shares: resume from the checkpoint, the progress of an epoch
     (`iterate`), then per epoch the NaN check, test-set evaluation, metrics line, atomic checkpoint, console line
@@ -1051,6 +1124,9 @@ class Progress:
             yield item
             if i == 0:
                 t1 = time.time()  # the first iteration pays one-off set-up costs: time from its end
+                if getattr(a, "compile", False) and not self.first_eta_shown:
+                    print(f"first iteration {t1 - t0:.1f} s, torch.compile included (a recompile, e.g. when the "
+                          f"warm-up ends or for evaluation, is in its epoch's time)", flush=True)
             elif i == 3 and not self.first_eta_shown:
                 if str(a.device).startswith("cuda"):
                     torch.cuda.synchronize()
@@ -1146,7 +1222,8 @@ class Progress:
         wall = time.time() - self.t_start
         protocol = {**(protocol or {}), "dataset": a.dataset, "test_split": f"{a.dataset} test, {len(self.test.y)} "
                     f"images", "wbits": a.wbits, "abits": a.abits, "teacher_sha256": self.run.teacher_sha256,
-                    "teacher_top1": self.teacher_top1, "eval_norm": a.eval_norm}
+                    "teacher_top1": self.teacher_top1, "eval_norm": a.eval_norm,
+                    **({"precision": "bf16 autocast"} if getattr(a, "amp", "off") == "bf16" else {})}
         device = torch.cuda.get_device_name(torch.device(a.device)) if str(a.device).startswith("cuda") else \
             (platform.processor() or platform.machine()) + f" ({torch.get_num_threads()} threads)"
         cost = {"wall_seconds": wall, "device": device, "images_per_s": self.images / max(self.images_time, 1e-9)}

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, CifarResNet, Progress, add_common_args, at_least, die, load_cifar,
-                    method_name, parse_args, setup, swap_modules, train_batches)
+from common import (NUM_CLASSES, ArgumentParser, CifarResNet, Progress, accelerate, add_common_args, at_least, die,
+                    load_cifar, method_name, parse_args, setup, swap_modules, train_batches)
 
 WBITS, ABITS = (1, 2, 4), (1, 2, 4, 8)
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
@@ -259,6 +259,7 @@ if __name__ == "__main__":
     ffa_gen = torch.Generator(device).manual_seed(args.seed)  # FFA's own RNG (not the global one), on the device
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "adapters": adapters, "opt": opt, "ffa_gen": GeneratorState(ffa_gen)})
+    accelerate(args, teacher, student, adapters)  # --amp bf16 / --compile, in place (common.py); off by default
     if progress.start_epoch == 0:
         progress.calib_top1 = test.top1(student)  # quantized, before any training step
         print(f"student top-1 before training {progress.calib_top1:.2f}", flush=True)

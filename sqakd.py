@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, add_common_args, at_least, die, load_cifar, method_name,
-                    parse_args, setup, swap_modules, train_batches)
+from common import (NUM_CLASSES, ArgumentParser, Progress, accelerate, add_common_args, at_least, die, load_cifar,
+                    method_name, parse_args, setup, swap_modules, train_batches)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
@@ -233,6 +233,7 @@ if __name__ == "__main__":
     opt = torch.optim.Adam(mparams, lr=args.lr, weight_decay=args.weight_decay)
     opt_q = torch.optim.Adam(qparams, lr=args.lr_q, weight_decay=0.0)
     progress = Progress(args, run, test, teacher_top1, {"student": student, "opt": opt, "opt_q": opt_q})
+    accelerate(args, teacher, student)  # --amp bf16 / --compile, in place (common.py); off by default
     if progress.start_epoch == 0:
         # initialise the ranges on one training batch before the first step (without it the loss is NaN)
         initialise(student.train(), next(train_batches(x_train, args.batch_size, test.mean, test.std, device)))

@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, BasicBlock, Progress, UpsampleConv3x3, add_common_args, at_least,
-                    UserError, check_warmup, describe_interrupt, fmt_time, load_weights_only, lr_milestones,
-                    method_name, parse_args, quantize_model, rng_state, set_calibrating, set_lr, set_rng_state, setup)
+from common import (NUM_CLASSES, ArgumentParser, BasicBlock, Progress, UpsampleConv3x3, UserError, accelerate,
+                    add_common_args, at_least, check_warmup, describe_interrupt, fmt_time, full_precision,
+                    load_weights_only, lr_milestones, method_name, parse_args, quantize_model, rng_state,
+                    set_calibrating, set_lr, set_rng_state, setup)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2025,
@@ -104,7 +105,7 @@ class BNStats:
 
     def _hook(self, module, inputs, output):
         if self.active:
-            x = inputs[0]
+            x = full_precision(inputs[0])  # float32 statistics under --amp bf16
             self.stats.append((module, x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)))
 
     def __call__(self):
@@ -258,11 +259,11 @@ class Taps:
 
     def _branch(self, module, inputs, output):
         if self.active:
-            self.branches.append(output)
+            self.branches.append(full_precision(output))
 
     def _last(self, module, inputs, output):
         if self.active:
-            self.last = output
+            self.last = full_precision(output)
 
     def __call__(self, model, x):
         """(logits, the residual branches' outputs, the last conv's output)."""
@@ -353,6 +354,7 @@ if __name__ == "__main__":
     milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     progress = Progress(args, run, test, teacher_top1,  # resumes all of these from the checkpoint with --resume
                         {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})
+    accelerate(args, teacher, student, generator)  # --amp bf16 / --compile, in place (common.py); off by default
 
     for epoch in range(progress.start_epoch, args.epochs):
         warmup = epoch < args.warmup_epochs

@@ -1,14 +1,20 @@
-"""Speed (not a test): seconds per training iteration of every method at its paper batch size, on --device.
+"""Speed (not a test): seconds per training iteration of every method at its paper batch size, on --device, and
+where it stands against the machine's measured peak (the roofline).
 
     python benchmarks/bench_methods.py --device cpu --threads 2 --iters 4 --json bench_methods.json
+    python benchmarks/bench_methods.py --device cpu --threads 2 --extra "--compile --amp bf16"
     python benchmarks/bench_methods.py --device cuda --iters 50 --json bench_methods_gpu.json
 
-Each script runs as users run it, for two short epochs on synthetic CIFAR-shaped data in the official layout and a
-random teacher (speed does not depend on either), written to a temp folder. The figure is the second epoch's
-`charts/images_per_s` from the run's own metrics (a student epoch for the generator methods; evaluation excluded),
-turned into seconds per iteration. Each epoch ends by copying its loss sums to the host, so on a GPU the timing
-includes all queued work (CUDA-synchronised). Comparisons with reference code belong in bench_vs_reference.py,
-measured side by side.
+Each script runs as users run it, for three short epochs (one warm-up for the generator methods) on synthetic
+CIFAR-shaped data in the official layout and a random teacher (speed does not depend on either), written to a temp
+folder, with --extra's flags. The figure is the last epoch's `charts/images_per_s` from the run's own metrics (a
+student epoch; evaluation excluded; with --compile, the compiling is in the earlier epochs), turned into seconds per
+iteration. Each epoch ends by copying its loss sums to the host, so on a GPU the timing includes all queued work
+(CUDA-synchronised). Comparisons with reference code belong in bench_vs_reference.py, measured side by side.
+
+Roofline: the FLOPs of one iteration of that epoch (benchmarks/flop_count.py: torch.utils.flop_counter, matrix
+products and convolutions, forward and backward, at the same batch) over its time, against the peak of a large
+matrix product (--peak-n square, float32 and bfloat16) timed in this process on the same threads.
 """
 import argparse
 import json
@@ -18,6 +24,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -29,8 +36,9 @@ from bench_vs_reference import cpu_model  # noqa: E402
 
 from common import CifarResNet  # noqa: E402
 
-PAPER_BATCH = {"gdfq": 200, "ait": 200, "akt": 200, "lrq": 200, "faqd": 100, "sqakd": 256}
-GENERATOR_METHODS = ("gdfq", "ait", "akt", "lrq")
+PAPER_BATCH = {"gdfq": 200, "ait": 200, "akt": 200, "lrq": 200, "synq": 256, "faqd": 100, "sqakd": 256}
+GENERATOR_METHODS = ("gdfq", "ait", "akt", "lrq", "synq")
+METHOD_ARGS = {"synq": lambda b: ["--num-images", str(b), "--syn-batch", str(b), "--syn-iters", "2"]}  # stage 1: tiny
 
 
 def write_data(root, n_train, n_test=200):
@@ -48,18 +56,45 @@ def write_data(root, n_train, n_test=200):
                      "labels": rng.integers(0, 10, n_test).tolist()}, f)
 
 
+def matmul_peak(n, dtype, device, reps=5):
+    """FLOP/s of an n x n matrix product (the best of `reps`, after one untimed)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for i in range(reps + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", nargs="+", default=list(PAPER_BATCH), choices=list(PAPER_BATCH))
     p.add_argument("--iters", type=int, default=4, help="iterations per timed epoch")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: its default)")
+    p.add_argument("--extra", default="", help="flags added to every script's command, e.g. \"--compile --amp bf16\"")
+    p.add_argument("--peak-n", type=int, default=2048, help="size of the square matrix product that measures peak")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP counts (the roofline)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     a = p.parse_args()
-    res = {"machine": {"cpu": cpu_model(), "device": a.device, "torch": torch.__version__,
-                       "python": platform.python_version(), "threads": a.threads or torch.get_num_threads(),
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = {"machine": {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                       "device": a.device, "torch": torch.__version__, "python": platform.python_version(),
+                       "threads": a.threads or torch.get_num_threads(),
                        "gpu": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None},
-           "iters": a.iters}
+           "iters": a.iters, "extra": a.extra,
+           "peak_flops": {"float32": matmul_peak(a.peak_n, torch.float32, a.device),
+                          "bfloat16": matmul_peak(a.peak_n, torch.bfloat16, a.device)}}
+    peak = res["peak_flops"]
+    print(f"peak ({a.peak_n}^2 matmul, {res['machine']['threads']} threads): float32 {peak['float32'] / 1e9:.0f} "
+          f"GFLOP/s, bfloat16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         write_data(os.path.join(tmp, "data"), n_train=max(PAPER_BATCH.values()) * a.iters)
         teacher = os.path.join(tmp, "teacher.pth")
@@ -67,20 +102,37 @@ def main():
         for m in a.methods:
             b = PAPER_BATCH[m]
             if m in GENERATOR_METHODS:
-                sched = ["--epochs", "2", "--warmup-epochs", "1", "--iters-per-epoch", str(a.iters)]
+                sched = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", str(a.iters)]
             else:
-                sched = ["--epochs", "2", "--train-subset", str(b * a.iters)]
-            cmd = [sys.executable, f"{m}.py", "--data-dir", os.path.join(tmp, "data"), "--teacher", teacher,
-                   "--batch-size", str(b), "--device", a.device, "--threads", str(a.threads), "--out-dir", tmp,
-                   "--run-name", m, *sched]
-            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                               env={**os.environ, "CLEANQD_OFFLINE": "1"})
+                sched = ["--epochs", "3", "--train-subset", str(b * a.iters)]
+            args = ["--data-dir", os.path.join(tmp, "data"), "--teacher", teacher, "--batch-size", str(b),
+                    "--device", a.device, "--threads", str(a.threads), "--out-dir", tmp, *sched,
+                    *METHOD_ARGS.get(m, lambda b: [])(b), *a.extra.split()]
+            env = {**os.environ, "CLEANQD_OFFLINE": "1"}
+            r = subprocess.run([sys.executable, f"{m}.py", *args, "--run-name", m], cwd=ROOT, capture_output=True,
+                               text=True, env=env)
             if r.returncode:
                 sys.exit(f"error: {m} failed: {r.stderr.strip().splitlines()[-1]}")
             with open(os.path.join(tmp, m, "metrics.jsonl")) as f:
                 ips = [json.loads(line) for line in f][-1]["charts/images_per_s"]
             res[m] = {"batch": b, "s_per_iter": b / ips, "images_per_s": ips}
-            print(f"{m:6s} batch {b:3d}: {b / ips:.3f} s/iter ({ips:.0f} images/s) on {a.device}", flush=True)
+            line = f"{m:6s} batch {b:3d}: {b / ips:.3f} s/iter ({ips:.0f} images/s)"
+            if not a.no_flops:
+                fc = [sys.executable, os.path.join("benchmarks", "flop_count.py"), f"{m}.py", *args, "--iters-per-epoch"
+                      if m in GENERATOR_METHODS else "--train-subset", str(2 if m in GENERATOR_METHODS else 2 * b),
+                      "--epochs", "2", "--run-name", m + "_flops"]
+                fc = [x for x in fc if x != "--compile"]  # counted eagerly: the same operations
+                r = subprocess.run(fc, cwd=ROOT, capture_output=True, text=True, env=env)
+                if r.returncode:
+                    sys.exit(f"error: counting {m}'s FLOPs failed: {r.stderr.strip().splitlines()[-1]}")
+                flops = json.loads(r.stdout.strip().splitlines()[-1])["flops_per_iter"]
+                achieved = flops * ips / b
+                res[m].update(flops_per_iter=flops, achieved_flops=achieved,
+                              fraction_of_fp32_peak=achieved / peak["float32"],
+                              fraction_of_bf16_peak=achieved / peak["bfloat16"])
+                line += (f", {flops / 1e9:.1f} GFLOP/iter, {achieved / 1e9:.1f} GFLOP/s = "
+                         f"{100 * achieved / peak['float32']:.0f} % of the float32 peak")
+            print(line + f" on {a.device}", flush=True)
     print(json.dumps(res["machine"]))
     if a.json:
         with open(a.json, "w") as f:

@@ -19,6 +19,9 @@ them), the reference's hyper-parameters. The test pass is the reference's `Train
 against ours (`EvalData.top1`: the test split normalised once on the device, batches of 100); our one-time
 normalisation is timed separately.
 
+--variants adds our iteration with --compile and/or --amp bf16 (common.accelerate on the same models) to the same
+alternation; each variant's first, untimed round (torch.compile's compiling, when on) is reported on its own.
+
 Per round, each side runs --iters iterations (per-iteration time = their mean) and one test pass; the figures are
 the median and the spread (min–max) over --rounds rounds, and the ratio is reference / ours per round.
 """
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from common import CifarResNet, EvalData, quantize_model, set_calibrating  # noqa: E402
+from common import CifarResNet, EvalData, accelerate, quantize_model, set_calibrating  # noqa: E402
 from gdfq import BNStatsLoss, Generator, student_loss  # noqa: E402
 
 
@@ -103,10 +106,14 @@ def reference_test_loader(path, data_dir, workers):
     return loader.cifar("cifar10")[1]
 
 
-class Ours:
-    """gdfq.py's loop body at the same settings."""
+VARIANTS = {"eager": {}, "compile": {"compile": True}, "bf16": {"amp": "bf16"},
+            "compile+bf16": {"compile": True, "amp": "bf16"}}
 
-    def __init__(self, batch):
+
+class Ours:
+    """gdfq.py's loop body at the same settings; `variant` names the --compile / --amp flags it runs with."""
+
+    def __init__(self, batch, variant="eager"):
         self.batch = batch
         self.teacher = CifarResNet(20, 10).eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.student = quantize_model(self.teacher, 4, 4).requires_grad_(True).eval()
@@ -118,6 +125,8 @@ class Ours:
         self.opt_g = torch.optim.Adam(self.gen.parameters(), 1e-3, betas=(0.5, 0.999))
         self.opt_s = torch.optim.SGD(self.student.parameters(), 1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4)
         self.sums = torch.zeros(4)
+        flags = {"device": "cpu", "compile": False, "amp": "off", **VARIANTS[variant]}
+        accelerate(types.SimpleNamespace(**flags), self.teacher, self.student, self.gen)
 
     def iteration(self):
         z, y = torch.randn(self.batch, 100), torch.randint(0, 10, (self.batch,))
@@ -159,6 +168,9 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch threads for both")
     p.add_argument("--ref-workers", type=int, default=0,
                    help="loader processes of the reference's test loader (its configs say 8; 0 = in-process)")
+    p.add_argument("--variants", nargs="+", default=["eager"], choices=list(VARIANTS),
+                   help="our iteration with these flags (eager: the default; compile: --compile; bf16: --amp bf16), "
+                        "each timed in the same alternation")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     a = p.parse_args()
     if not os.path.isfile(os.path.join(a.reference, "trainer.py")):
@@ -169,19 +181,23 @@ def main():
                        "python": platform.python_version()}, "iters_per_round": a.iters}
     for b in a.batch_sizes:
         trainer, _ = load_reference(a.reference, a.iters, b, a.threads)
-        ours = Ours(b)
+        ours = {v: Ours(b, v) for v in a.variants}
         trainer.train(0)  # warm-up round; epoch 0 also registers its BN hooks (later rounds use epoch 1)
-        for _ in range(a.iters):
-            ours.iteration()
-        ref_t, our_t = [], []
+        first = {v: timed(lambda: [o.iteration() for _ in range(a.iters)]) for v, o in ours.items()}  # compiles
+        ref_t, our_t = [], {v: [] for v in ours}
         for _ in range(a.rounds):
             ref_t.append(timed(lambda: trainer.train(1)) / a.iters)
-            our_t.append(timed(lambda: [ours.iteration() for _ in range(a.iters)]) / a.iters)
-        res[f"iter_b{b}"] = {"reference_s": summary(ref_t), "ours_s": summary(our_t),
-                             "ratio": summary([r / o for r, o in zip(ref_t, our_t)])}
-        ratios = res[f"iter_b{b}"]["ratio"]["rounds"]
-        print(f"batch {b}: reference {statistics.median(ref_t):.3f} s/iter, ours {statistics.median(our_t):.3f} "
-              f"s/iter, ratio {statistics.median(ratios):.2f} (rounds {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+            for v, o in ours.items():
+                our_t[v].append(timed(lambda: [o.iteration() for _ in range(a.iters)]) / a.iters)
+        for v in ours:
+            key = f"iter_b{b}" if v == "eager" else f"iter_b{b}_{v}"
+            res[key] = {"reference_s": summary(ref_t), "ours_s": summary(our_t[v]),
+                        "ratio": summary([r / o for r, o in zip(ref_t, our_t[v])]),
+                        "ours_first_round_s": first[v]}  # the untimed warm-up round (torch.compile, if on, is here)
+            ratios = res[key]["ratio"]["rounds"]
+            print(f"batch {b}: reference {statistics.median(ref_t):.3f} s/iter, ours ({v}) "
+                  f"{statistics.median(our_t[v]):.3f} s/iter, ratio {statistics.median(ratios):.2f} "
+                  f"(rounds {min(ratios):.2f}-{max(ratios):.2f}; first round {first[v]:.1f} s)", flush=True)
 
     # test pass: the reference's Trainer.test over its loader vs ours over the device-resident test split
     trainer.test_loader = reference_test_loader(a.reference, a.data_dir, a.ref_workers)
