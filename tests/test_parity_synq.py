@@ -76,8 +76,9 @@ def test_synthesis_in_float64_follows_the_reference(float64, monkeypatch):
     assert images.dtype == torch.float64 and torch.equal(labels, ref["labels"]) and len(seen) == ref["iters"]
     totals = ref["losses"].sum(1)
     # Adam's near-sign steps amplify rounding about tenfold every 10 steps from step 100 on: a 1e-16 difference in a
-    # float64 convolution's summation order (the file's CPU against an AMD EPYC with AVX-512) is 1e-10 at step 150 and 1e-3 by step 200, after
-    # which the two runs are different (equally good) trajectories; the first 150 steps are compared tightly
+    # float64 convolution's summation order (the file's CPU against an AMD EPYC with AVX-512) is 1e-10 at step 150
+    # and 1e-3 by step 200, after which the two runs are different (equally good) trajectories; the first 150 steps
+    # are compared tightly
     head = torch.tensor(seen[:150], dtype=torch.float64)
     assert_close(head, totals[:150], 1e-7, "the losses of the first 150 steps")
     assert loss == pytest.approx(float(totals[-1]), rel=1e-2)  # 3e-4 apart on an AMD EPYC, exact where it was made
