@@ -1077,6 +1077,15 @@ def _bf16_forward(forward, device_type):
     return bf16_forward
 
 
+def cpu_model():
+    """The CPU's model name (Linux's /proc/cpuinfo), else what platform knows: for summaries and benchmarks."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 class Progress:
     """The bookkeeping every training loop shares: resume from the checkpoint, the progress of an epoch
     (`iterate`), then per epoch the NaN check, test-set evaluation, metrics line, atomic checkpoint, console line
@@ -1225,7 +1234,7 @@ class Progress:
                     "teacher_top1": self.teacher_top1, "eval_norm": a.eval_norm,
                     **({"precision": "bf16 autocast"} if getattr(a, "amp", "off") == "bf16" else {})}
         device = torch.cuda.get_device_name(torch.device(a.device)) if str(a.device).startswith("cuda") else \
-            (platform.processor() or platform.machine()) + f" ({torch.get_num_threads()} threads)"
+            f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()} ({torch.get_num_threads()} threads)"
         cost = {"wall_seconds": wall, "device": device, "images_per_s": self.images / max(self.images_time, 1e-9)}
         self.run.summary({"teacher_top1": self.teacher_top1, "calibrated_top1": self.calib_top1,
                           "final_top1": self.top1, "best_top1": self.best, "epochs_done": a.epochs,

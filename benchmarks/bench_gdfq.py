@@ -19,9 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_reference import cpu_model  # noqa: E402
 
-from common import CifarResNet, evaluate, quantize_model, set_calibrating  # noqa: E402
+from common import CifarResNet, cpu_model, evaluate, quantize_model, set_calibrating  # noqa: E402
 from gdfq import BNStatsLoss, Generator, kd_loss  # noqa: E402
 
 

@@ -15,6 +15,10 @@ iteration. Each epoch ends by copying its loss sums to the host, so on a GPU the
 Roofline: the FLOPs of one iteration of that epoch (benchmarks/flop_count.py: torch.utils.flop_counter, matrix
 products and convolutions, forward and backward, at the same batch) over its time, against the peak of a large
 matrix product (--peak-n square, float32 and bfloat16) timed in this process on the same threads.
+
+--breakdown: where the rest goes. One more short run of each script under torch.profiler (flop_count.py --profile)
+splits a student epoch's iteration into convolutions and matrix products, batch norm, the other operators and the
+time outside any operator; the FLOPs over the convolutions' own time is the rate the convolutions themselves reach.
 """
 import argparse
 import json
@@ -32,9 +36,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_reference import cpu_model  # noqa: E402
 
-from common import CifarResNet  # noqa: E402
+from common import CifarResNet, cpu_model  # noqa: E402
 
 PAPER_BATCH = {"gdfq": 200, "ait": 200, "akt": 200, "lrq": 200, "synq": 256, "faqd": 100, "sqakd": 256}
 GENERATOR_METHODS = ("gdfq", "ait", "akt", "lrq", "synq")
@@ -81,6 +84,7 @@ def main():
     p.add_argument("--extra", default="", help="flags added to every script's command, e.g. \"--compile --amp bf16\"")
     p.add_argument("--peak-n", type=int, default=2048, help="size of the square matrix product that measures peak")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP counts (the roofline)")
+    p.add_argument("--breakdown", action="store_true", help="also profile where each iteration's time goes")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     a = p.parse_args()
     if a.threads:
@@ -131,7 +135,23 @@ def main():
                               fraction_of_fp32_peak=achieved / peak["float32"],
                               fraction_of_bf16_peak=achieved / peak["bfloat16"])
                 line += (f", {flops / 1e9:.1f} GFLOP/iter, {achieved / 1e9:.1f} GFLOP/s = "
-                         f"{100 * achieved / peak['float32']:.0f} % of the float32 peak")
+                         f"{100 * achieved / peak['float32']:.0f} % of the float32 peak, "
+                         f"{100 * achieved / peak['bfloat16']:.0f} % of the bfloat16 one")
+            if a.breakdown:
+                pr = [sys.executable, os.path.join("benchmarks", "flop_count.py"), "--profile", f"{m}.py", *args,
+                      "--run-name", m + "_profile"]
+                r = subprocess.run(pr, cwd=ROOT, capture_output=True, text=True, env=env)
+                if r.returncode:
+                    sys.exit(f"error: profiling {m} failed: {r.stderr.strip().splitlines()[-1]}")
+                prof = json.loads(r.stdout.strip().splitlines()[-1])
+                parts, total = prof["s_per_iter_by_part"], prof["s_per_iter_profiled"]
+                res[m].update(profiled_s_per_iter=total, s_per_iter_by_part=parts)
+                line += "\n       time: " + ", ".join(f"{k} {100 * v / total:.0f} %" for k, v in parts.items())
+                conv = parts.get("convolutions and matrix products", 0.0)
+                if not a.no_flops and conv:
+                    res[m]["conv_flops_per_s"] = res[m]["flops_per_iter"] / conv
+                    line += (f"; the convolutions alone run at {res[m]['flops_per_iter'] / conv / 1e9:.0f} GFLOP/s = "
+                             f"{100 * res[m]['flops_per_iter'] / conv / peak['float32']:.0f} % of the float32 peak")
             print(line + f" on {a.device}", flush=True)
     print(json.dumps(res["machine"]))
     if a.json:

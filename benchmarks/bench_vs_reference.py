@@ -42,16 +42,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from common import CifarResNet, EvalData, accelerate, quantize_model, set_calibrating  # noqa: E402
+from common import CifarResNet, EvalData, accelerate, cpu_model, quantize_model, set_calibrating  # noqa: E402
 from gdfq import BNStatsLoss, Generator, student_loss  # noqa: E402
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def load_reference(path, iters, batch, threads):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import ROOT, assert_teacher_acc_gen, run_script
 
+import common
 from common import EvalData, load_quantized, load_teacher
 
 TINY = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--batch-size", "8",
@@ -38,7 +39,8 @@ def test_smoke_end_to_end_and_saved_model(tiny_data, teachers, tmp_path):
     assert (p["iterations"], p["batch"], p["wbits"], p["abits"], p["teacher_sha256"]) == (6, 8, 4, 6, sha)
     assert p["train_data"] == "generated" and p["activation_ranges"] == "plain EMA"
     assert p["test_split"].endswith("30 images")
-    assert s["cost"]["images_per_s"] > 0 and s["cost"]["device"] and s["cost"]["wall_seconds"] == s["wall_seconds"]
+    assert s["cost"]["images_per_s"] > 0 and s["cost"]["wall_seconds"] == s["wall_seconds"]
+    assert s["cost"]["device"].startswith(common.cpu_model() + ", ") and s["cost"]["device"].endswith(" threads)")
     rows = metrics(d)
     assert [r["epoch"] for r in rows] == [1, 2, 3]  # counted from 1, as on the console
     assert rows[-1]["eval/top1"] == s["final_top1"] and rows[0]["eval/top1"] == s["calibrated_top1"]
