@@ -1045,14 +1045,16 @@ def _compile_available(device):
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
-def accelerate(args, *models):
+def accelerate(args, *models, eager=()):
     """--amp bf16 and --compile, applied in place to the script's models once they are all built (a copy made
     afterwards, such as a student from the teacher, would share the wrapped forward). Parameters, buffers, state_dict
     keys and checkpoints are unchanged, so a run resumes with or without --compile.
     --amp bf16: each model's forward runs under bf16 autocast (convolutions and matmuls in bf16) and returns float32;
     QuantReLU and the scripts' BN-statistics hooks cast their inputs to float32, so quantizers, statistics and losses
     stay float32. --compile: nn.Module.compile() (torch.compile of each model's forward: the generator, teacher and
-    student steps and the evaluation forward); where torch.compile does not work, one line says why and the run
+    student steps and the evaluation forward), except the models in `eager`: a compiled forward is one node of the
+    autograd graph, so a gradient with respect to an activation that a hook took inside it (Grad-CAM's) cannot be
+    taken; such a script names those models here. Where torch.compile does not work, one line says why and the run
     continues in eager mode (args.compile is then False in summary.json). The compiling itself happens in the first
     iterations: Progress prints the first one's time on its own line."""
     device_type = torch.device(args.device).type
@@ -1065,8 +1067,14 @@ def accelerate(args, *models):
             print(f"warning: --compile is unavailable here ({why}); running eager, results are the same")
             args.compile = False
             return
+        # a compiled backward may donate (reuse) its saved buffers, which fails on a second backward through the same
+        # graph (autograd.grad(..., retain_graph=True), then backward): keep them
+        import torch._functorch.config as functorch_config
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         for m in models:
-            m.compile()
+            if not any(m is e for e in eager):
+                m.compile()
 
 
 def _bf16_forward(forward, device_type):

@@ -354,7 +354,13 @@ if __name__ == "__main__":
     milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     progress = Progress(args, run, test, teacher_top1,  # resumes all of these from the checkpoint with --resume
                         {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})
-    accelerate(args, teacher, student, generator)  # --amp bf16 / --compile, in place (common.py); off by default
+    # --amp bf16 / --compile, in place (common.py); off by default. Grad-CAM differentiates the logits by the last
+    # conv's output, which a compiled forward does not expose: with it on, teacher and student stay eager
+    eager = (teacher, student) if args.lambda_cam else ()
+    if args.compile and eager:
+        print("note: --compile leaves the teacher and student eager (Grad-CAM needs their inner activations; "
+              "--lambda-cam 0 compiles them too)")
+    accelerate(args, teacher, student, generator, eager=eager)
 
     for epoch in range(progress.start_epoch, args.epochs):
         warmup = epoch < args.warmup_epochs

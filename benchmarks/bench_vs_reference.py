@@ -169,7 +169,8 @@ def main():
         sys.exit(f"error: --reference {a.reference}: no trainer.py there (expected a checkout of xushoukai/GDFQ)")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    res = {"machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    res = {"machine": {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                       "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "python": platform.python_version()}, "iters_per_round": a.iters}
     for b in a.batch_sizes:
         trainer, _ = load_reference(a.reference, a.iters, b, a.threads)

@@ -142,3 +142,28 @@ def test_amp_flag_end_to_end_marks_the_protocol(tiny_data, teachers, tmp_path):
                     "--run-name", "fp32", *TINY], cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "precision" not in json.loads((tmp_path / "fp32" / "summary.json").read_text())["protocol"]
+
+
+def test_compile_leaves_the_eager_models_alone(monkeypatch):
+    monkeypatch.setattr(common, "_compile_available", lambda device: None)
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    accelerate(flags(compile=True), a, b, eager=(b,))
+    assert a._compiled_call_impl is not None and b._compiled_call_impl is None
+
+
+@pytest.mark.slow
+def test_synq_compiled_takes_its_second_backward_and_keeps_grad_cam_eager(tiny_data, teachers, tmp_path):
+    """SynQ's sign-gradient step calls autograd.grad(..., retain_graph=True) before the loss's backward: a compiled
+    backward that donates its saved buffers refuses that (RuntimeError), so accelerate keeps them. Its Grad-CAM
+    differentiates by an activation inside the forward, which compiling hides: with it on, teacher and student stay
+    eager, and the run says so."""
+    common_args = ["synq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
+                   "--compile", "--num-images", "8", "--syn-batch", "8", "--syn-iters", "1", *TINY]
+    r = run_script([*common_args, "--run-name", "all", "--lambda-cam", "0"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "leaves the teacher and student eager" not in r.stdout
+    s = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert s["args"]["compile"] is True and s["final_top1"] is not None
+    r = run_script([*common_args, "--run-name", "cam"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "note: --compile leaves the teacher and student eager" in r.stdout
