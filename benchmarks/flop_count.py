@@ -45,7 +45,8 @@ class GlobalOnly:
 def category(op):
     """The part of an iteration an operator's self time belongs to."""
     name = op.split("::")[-1]
-    if "conv" in name or name in ("addmm", "mm", "bmm", "baddbmm", "linear"):
+    if "convolution" in name or "conv2d" in name or "conv_depthwise" in name or name in ("addmm", "mm", "bmm",
+                                                                                          "baddbmm", "linear"):
         return "convolutions and matrix products"
     if "batch_norm" in name:
         return "batch norm"
