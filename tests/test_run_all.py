@@ -111,7 +111,7 @@ def test_report_mean_std_by_hand(tmp_path):
     assert (tmp_path / "p.png").exists() == has_mpl
 
 
-def test_plot_series_keeps_budgets_apart_and_leaves_ablations_out(tmp_path):
+def test_plot_series_draws_the_headline_budget_only_and_leaves_ablations_out(tmp_path):
     write_summary(tmp_path, "short", "g4s0", "gdfq", 80.0, 81.0, 0)
     write_summary(tmp_path, "short", "g4s1", "gdfq", 84.0, 85.0, 1)
     write_summary(tmp_path, "short", "g3s0", "gdfq", 40.0, 41.0, 0, bits=3)
@@ -119,14 +119,40 @@ def test_plot_series_keeps_budgets_apart_and_leaves_ablations_out(tmp_path):
     write_summary(tmp_path, "short", "lrq_abl", "lrq", 70.0, 71.0, 0, no_lka=True, ama_margin=0.0, kd="kl")
     write_summary(tmp_path, "short-v0", "old", "gdfq", 10.0, 11.0, 0)  # made with older code: table only
     write_summary(tmp_path, "short", "frozen", "faqd", 50.0, 51.0, 0, alpha_mode="frozen")  # a variant: table only
-    s = report.series(report.collect(str(tmp_path)))
-    assert "| gdfq | cifar10 | W4A4 | short-v0 | 1 |" in report.table(report.collect(str(tmp_path)))
-    # 2 seeds at W4: mean 82, sample std sqrt((2^2 + 2^2) / 1) = 2.83; bits sorted; the paper run is its own panel
-    assert list(s) == [("cifar10", "paper"), ("cifar10", "short")]
-    assert s[("cifar10", "paper")] == {"gdfq": [(4, 90.0, 0.0)]}
+    groups = report.collect(str(tmp_path))
+    s = report.series(groups)
+    assert "| gdfq | cifar10 | W4A4 | short-v0 | 1 |" in report.table(groups)
+    # 2 seeds at W4: mean 82, sample std sqrt((2^2 + 2^2) / 1) = 2.83; bits sorted; other budgets are not drawn
+    assert list(s) == [("cifar10", "short")]
     assert list(s[("cifar10", "short")]) == ["gdfq"]  # lrq:none is an ablation: table only
     (b3, m3, s3), (b4, m4, s4) = s[("cifar10", "short")]["gdfq"]
     assert (b3, m3, s3) == (3, 40.0, 0.0) and (b4, m4) == (4, 82.0) and abs(s4 - 8 ** 0.5) < 1e-12
+    assert report.series(groups, "paper") == {("cifar10", "paper"): {"gdfq": [(4, 90.0, 0.0)]}}
+
+
+def test_figures_block_by_hand(tmp_path):
+    """A method page's figures: calibrated -> final means, the per-seed change, the standing among the methods of
+    its kind in the cell (with the difference of means), wall time and images/s."""
+    for seed, final in enumerate([82.0, 84.0]):  # calibrated 80.0 in write_summary: changes +2, +4
+        write_summary(tmp_path, "short", f"g{seed}", "gdfq", final, final, seed)
+    write_summary(tmp_path, "short", "a0", "ait", 85.5, 86.0, 0)
+    write_summary(tmp_path, "short", "s0", "sqakd", 99.0, 99.0, 0)  # another kind: not a rival
+    for d in tmp_path.glob("short/*"):
+        s = json.loads((d / "summary.json").read_text())
+        s["wall_seconds"], s["cost"] = 600.0 + 60 * s["args"]["seed"], {"images_per_s": 50.0 + s["args"]["seed"]}
+        (d / "summary.json").write_text(json.dumps(s))
+    groups = report.collect(str(tmp_path))
+    row = report.figures(groups, "gdfq").splitlines()[2]
+    assert row == ("| gdfq | cifar10 | W4A4 | short | 2 | 80.00 → 83.00 | +2.00 to +4.00 | 2 of 2, -2.50 to ait | "
+                   "10–11 min | 50–51 |")
+    assert "| 1 of 2, +2.50 over gdfq |" in report.figures(groups, "ait")
+    cost = report.cost_table(groups).splitlines()
+    assert "| gdfq | short | 2 | 10–11 min | 50–51 |" in "\n".join(cost)
+    if importlib.util.find_spec("matplotlib") is not None:  # learning curves: one picture per method
+        for d in tmp_path.glob("short/*"):
+            (d / "metrics.jsonl").write_text('{"epoch": 0, "eval/top1": 70.0}\n{"epoch": 1, "eval/top1": 75.0}\n')
+        assert sorted(os.path.basename(p) for p in report.curves(report.collect(str(tmp_path)), tmp_path / "c")) \
+            == ["ait.png", "gdfq.png", "sqakd.png"]
 
 
 def test_plot_colours_a_method_the_same_in_every_panel():

@@ -48,6 +48,7 @@ def collect(runs_dir):
         budget = rel[0] if len(rel) > 1 else "?"
         row = label(a)
         METHOD_OF[row] = a["method"]
+        s["_dir"] = root  # where its metrics.jsonl lies (learning curves)
         groups[(row, a["dataset"], a["wbits"], a["abits"], budget)].append(s)
     return groups
 
@@ -112,19 +113,14 @@ def code(runs):
     return ", ".join(seen)
 
 
-def superseded(budget):
-    """Runs moved to BUDGET-vN/ were made with code that has changed since: kept in the table, not plotted."""
-    return "-v" in budget
-
-
-def series(groups):
+def series(groups, budget="short"):
     """What the plot draws: {(dataset, budget): {method: [(bits, mean, std), ...] sorted by bits}} of final top-1,
-    W = A only, default settings only. Budgets never share a line; variants (`lrq:...`, `faqd-frozen`, `akt+gdfq`)
-    and superseded runs stay in the table only."""
+    W = A only, default settings only, the headline budget only (a panel per dataset). Variants (`lrq:...`,
+    `faqd-frozen`, `akt+gdfq`), other budgets (smoke, the speed flags' A/B) and superseded runs stay in the tables."""
     out = defaultdict(lambda: defaultdict(list))
-    for (method, ds, w, a, budget), runs in groups.items():
-        if w == a and base(method) == method and not superseded(budget):
-            out[(ds, budget)][method].append((w, *mean_std([r["final_top1"] for r in runs])))
+    for (method, ds, w, a, b), runs in groups.items():
+        if w == a and base(method) == method and b == budget:
+            out[(ds, b)][method].append((w, *mean_std([r["final_top1"] for r in runs])))
     return {k: {m: sorted(pts) for m, pts in v.items()} for k, v in sorted(out.items())}
 
 
@@ -134,15 +130,23 @@ def method_colors(panels):
     return {m: f"C{i % 10}" for i, m in enumerate(methods)}
 
 
-def plot(groups, path):
+def pyplot():
+    """matplotlib's pyplot (Agg backend), or None with one line when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot written (pip install matplotlib)")
+        print("report: matplotlib is not installed: no plots written (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot(groups, path, budget="short"):
+    plt = pyplot()
+    if plt is None:
         return False
-    panels = series(groups)
+    panels = series(groups, budget)
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
@@ -231,22 +235,175 @@ def protocol_tag(runs):
 
 
 def update_readme(path, groups, budget="short"):
-    """The README's headline tables (current code, no variants: those are on the methods' pages)."""
-    return replace_between(path, BEGIN, END, pivot(groups, budget))
+    """The README's headline tables (current code, no variants: those are on the methods' pages) and, where the
+    README holds its markers, the run-cost table."""
+    err = replace_between(path, BEGIN, END, pivot(groups, budget))
+    if not err and COST_BEGIN in open(path).read():
+        err = replace_between(path, COST_BEGIN, COST_END, cost_table(groups))
+    return err
 
 
 def update_docs(docs_dir, groups):
-    """Each docs/<method>.md holding the markers gets that method's rows, variants included; any other page holding
-    them (docs/reproduce.md) gets every row."""
+    """Each docs/<method>.md holding the markers gets that method's rows (variants included) and figures; any other
+    page holding the results-table markers (docs/reproduce.md) gets every row; a page holding the run-cost markers
+    gets the cost table."""
     errors, done = [], []
     for name in sorted(os.listdir(docs_dir)):
         path = os.path.join(docs_dir, name)
-        if not name.endswith(".md") or DOC_BEGIN not in open(path).read():
+        if not name.endswith(".md"):
             continue
+        text = open(path).read()
         method = name[:-3] if name[:-3] in grid.methods() else None
-        err = replace_between(path, DOC_BEGIN, DOC_END, table(groups, methods={method} if method else None))
-        (errors if err else done).append(err or path)
+        blocks = [(DOC_BEGIN, DOC_END, lambda: table(groups, methods={method} if method else None)),
+                  (FIG_BEGIN, FIG_END, lambda: figures(groups, method)) if method else None,
+                  (COST_BEGIN, COST_END, lambda: cost_table(groups))]
+        err, touched = None, False
+        for begin, end, body in filter(None, blocks):
+            if begin in text and not err:
+                err, touched = replace_between(path, begin, end, body()), True
+        if touched:
+            (errors if err else done).append(err or path)
     return errors, done
+
+
+FIG_BEGIN, FIG_END = "<!-- figures: tools/report.py --docs -->", "<!-- end figures -->"
+COST_BEGIN, COST_END = "<!-- run cost: tools/report.py --readme --docs -->", "<!-- end run cost -->"
+CURVES_DIR = "curves"  # beside the --plot file: results/curves/<method>.png
+
+
+def wall_minutes(r):
+    return r["wall_seconds"] / 60 if r.get("wall_seconds") is not None else None
+
+
+def images_per_s(r):
+    """A run's training throughput: its summary's cost, else the median of its epochs' logged figure."""
+    cost = (r.get("cost") or {}).get("images_per_s")
+    if cost is not None:
+        return cost
+    xs = [m["charts/images_per_s"] for m in metrics(r) if m.get("charts/images_per_s")]
+    return statistics.median(xs) if xs else None
+
+
+def metrics(r):
+    """The epochs a run logged (its metrics.jsonl), [] when the file is not there."""
+    path = os.path.join(r.get("_dir", ""), "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def span(xs, digits=0, unit=""):
+    """'a–b unit' (or 'a unit' when all are equal) of the values that exist; '—' when none does."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "—"
+    lo, hi = f"{min(xs):.{digits}f}", f"{max(xs):.{digits}f}"
+    return (lo if lo == hi else f"{lo}–{hi}") + unit
+
+
+def signed(x):
+    return f"{x:+.2f}"
+
+
+def standing(groups, key):
+    """Where a default row stands among the default rows of its kind in its cell (same dataset, bits and budget):
+    'k of n', with the difference of final-top-1 means to the row above (or, for the first, its lead over the
+    second)."""
+    method, ds, w, a, budget = key
+    kind = grid.methods().get(base(method), {}).get("kind")
+    rivals = sorted(((mean_std([r["final_top1"] for r in runs])[0], m) for (m, d, ww, aa, b), runs in groups.items()
+                     if (d, ww, aa, b) == (ds, w, a, budget) and base(m) == m
+                     and grid.methods().get(m, {}).get("kind") == kind), reverse=True)
+    if len(rivals) < 2 or base(method) != method:
+        return "—"
+    k = [m for _, m in rivals].index(method)
+    if k == 0:
+        return f"1 of {len(rivals)}, {signed(rivals[0][0] - rivals[1][0])} over {rivals[1][1]}"
+    return f"{k + 1} of {len(rivals)}, {signed(rivals[k][0] - rivals[k - 1][0])} to {rivals[k - 1][1]}"
+
+
+def figures(groups, method):
+    """A method page's figures about its committed runs, one row per cell (variants included): seeds, calibrated
+    and final means, the change calibrated -> final per seed (min and max), where the row stands among the methods
+    of its kind in the cell, and the runs' wall time and images/s. Prose points here instead of copying them."""
+    lines = ["| row | dataset | W/A | budget | seeds | calibrated → final (means) | change per seed | standing in "
+             "the cell (final top-1) | wall time per run | images/s |", "|---" * 10 + "|"]
+    for key in sorted(groups, key=lambda k: (k[4] != "short", k[4], k[1], k[0], k[2], k[3])):
+        row, ds, w, a, budget = key
+        if base(row) != method:
+            continue
+        runs = groups[key]
+        pairs = [(r["calibrated_top1"], r["final_top1"]) for r in runs if r.get("calibrated_top1") is not None]
+        if pairs:
+            cal, fin = mean_std([c for c, _ in pairs])[0], mean_std([f for _, f in pairs])[0]
+            change = [f - c for c, f in pairs]
+            moved = f"{cal:.2f} → {fin:.2f}"
+            per_seed = signed(change[0]) if len(change) == 1 else f"{signed(min(change))} to {signed(max(change))}"
+        else:
+            moved, per_seed = "—", "—"
+        lines.append(f"| {row} | {ds} | W{w}A{a} | {budget} | {len(runs)} | {moved} | {per_seed} | "
+                     f"{standing(groups, key)} | {span([wall_minutes(r) for r in runs], unit=' min')} | "
+                     f"{span([images_per_s(r) for r in runs])} |")
+    return "\n".join(lines)
+
+
+def cost_table(groups):
+    """Every method's runs per budget (variants included): how many, wall time per run and images/s (min–max),
+    and the threads they ran with."""
+    rows = defaultdict(list)
+    for (row, ds, w, a, budget), runs in groups.items():
+        rows[(base(row), budget)] += runs
+    order = list(grid.methods())
+    lines = ["| method | budget | runs | wall time per run | images/s | threads per run |", "|---" * 6 + "|"]
+    for m, budget in sorted(rows, key=lambda k: (k[1] != "short", k[1], order.index(k[0]) if k[0] in order else 99)):
+        runs = rows[(m, budget)]
+        threads = sorted({r["args"].get("threads") for r in runs}, key=str)  # 0: torch's default (every core)
+        lines.append(f"| {m} | {budget} | {len(runs)} | {span([wall_minutes(r) for r in runs], unit=' min')} | "
+                     f"{span([images_per_s(r) for r in runs])} | "
+                     f"{', '.join('all' if t == 0 else '—' if t is None else str(t) for t in threads)} |")
+    return "\n".join(lines)
+
+
+def curves(groups, out_dir, budget="short"):
+    """results/curves/<method>.png: test top-1 per epoch of every default row at the headline budget, a panel per
+    dataset, a line per bit-width (mean over seeds, min–max band). Returns the paths written."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    per = defaultdict(lambda: defaultdict(dict))  # method -> dataset -> (w, a) -> runs
+    for (row, ds, w, a, b), runs in groups.items():
+        if b == budget and base(row) == row:
+            per[row][ds][(w, a)] = runs
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for method, panels in sorted(per.items()):
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+        for ax, (ds, cells) in zip(axes[0], sorted(panels.items())):
+            for i, ((w, a), runs) in enumerate(sorted(cells.items())):
+                by_epoch = defaultdict(list)
+                for r in runs:
+                    for m in metrics(r):
+                        if m.get("eval/top1") is not None:
+                            by_epoch[m["epoch"] + 1].append(m["eval/top1"])
+                ep = sorted(e for e, xs in by_epoch.items() if len(xs) == len(runs))  # epochs every seed reached
+                if not ep:
+                    continue
+                mean = [statistics.fmean(by_epoch[e]) for e in ep]
+                ax.plot(ep, mean, marker=".", color=f"C{i}", label=f"W{w}A{a} ({len(runs)} seeds, min–max band)")
+                ax.fill_between(ep, [min(by_epoch[e]) for e in ep], [max(by_epoch[e]) for e in ep], color=f"C{i}",
+                                alpha=0.2)
+            teacher = sorted({r["teacher_top1"] for runs in cells.values() for r in runs})
+            if len(teacher) == 1:
+                ax.axhline(teacher[0], color="grey", linestyle="--", linewidth=1, label=f"FP teacher {teacher[0]:.2f}")
+            ax.set(title=f"{method}, {ds}, {budget} budget: test top-1 per epoch", xlabel="epoch", ylabel="top-1 (%)")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{method}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 COST_FREE = ("teacher_top1",)  # protocol fields a new run re-measures (compared as results, not as the protocol)
@@ -320,9 +477,10 @@ def main(argv=None):
                 "set, as the papers do); 'calibrated' is the quantized student before any training step. The 'paper' "
                 "column is the published number (pytorchcv teachers, paper recipe), not ours.\n\n")
         f.write(table(groups) + "\n")
-    wrote = plot(groups, a.plot)
+    wrote = plot(groups, a.plot, a.budget)
+    drawn = curves(groups, os.path.join(os.path.dirname(a.plot) or ".", CURVES_DIR), a.budget) if wrote else []
     print(f"report: {sum(len(v) for v in groups.values())} runs in {len(groups)} rows -> {a.out}"
-          + (f", {a.plot}" if wrote else ""))
+          + (f", {a.plot}" if wrote else "") + (f", {len(drawn)} learning-curve plots" if drawn else ""))
     if a.readme:
         err = update_readme(a.readme, groups, a.budget)
         if err:  # bad input: one line, exit code 2 (the table and plot above are written)
