@@ -256,7 +256,8 @@ def update_docs(docs_dir, groups):
         method = name[:-3] if name[:-3] in grid.methods() else None
         blocks = [(DOC_BEGIN, DOC_END, lambda: table(groups, methods={method} if method else None)),
                   (FIG_BEGIN, FIG_END, lambda: figures(groups, method)) if method else None,
-                  (COST_BEGIN, COST_END, lambda: cost_table(groups))]
+                  (COST_BEGIN, COST_END, lambda: cost_table(groups)),
+                  (STAND_BEGIN, STAND_END, lambda: standings(groups))]
         err, touched = None, False
         for begin, end, body in filter(None, blocks):
             if begin in text and not err:
@@ -321,6 +322,31 @@ def standing(groups, key):
     if k == 0:
         return f"1 of {len(rivals)}, {signed(rivals[0][0] - rivals[1][0])} over {rivals[1][1]}"
     return f"{k + 1} of {len(rivals)}, {signed(rivals[k][0] - rivals[k - 1][0])} to {rivals[k - 1][1]}"
+
+
+STAND_BEGIN, STAND_END = "<!-- standings: tools/report.py --docs -->", "<!-- end standings -->"
+
+
+def standings(groups, budget="short"):
+    """Every cell of the headline budget (default rows only), methods of a kind ranked by final top-1: mean ± std
+    (seeds), the difference to the row above, and the calibrated -> final change of the means."""
+    cells = defaultdict(list)
+    for (row, ds, w, a, b), runs in groups.items():
+        if b == budget and base(row) == row:
+            kind = grid.methods().get(row, {}).get("kind", "?")
+            cells[(kind, ds, w, a)].append((mean_std([r["final_top1"] for r in runs])[0], row, runs))
+    lines = ["| kind | cell | rank | method | final top-1 | to the row above | calibrated → final (means) |",
+             "|---" * 7 + "|"]
+    kinds = list(dict.fromkeys(g["kind"] for g in grid.methods().values()))
+    for kind, ds, w, a in sorted(cells, key=lambda c: (kinds.index(c[0]) if c[0] in kinds else 99, c[1], c[2])):
+        ranked = sorted(cells[(kind, ds, w, a)], key=lambda x: -x[0])
+        for k, (m, row, runs) in enumerate(ranked):
+            cal = [r["calibrated_top1"] for r in runs if r.get("calibrated_top1") is not None]
+            moved = f"{mean_std(cal)[0]:.2f} → {m:.2f}" if len(cal) == len(runs) else "—"
+            lines.append(f"| {kind if k == 0 else ''} | {ds} W{w}A{a} | {k + 1} | {row} | "
+                         f"{fmt([r['final_top1'] for r in runs])} ({len(runs)}) | "
+                         f"{signed(m - ranked[k - 1][0]) if k else '—'} | {moved} |")
+    return "\n".join(lines)
 
 
 def figures(groups, method):
