@@ -1,7 +1,10 @@
-"""The prose stays true where it can be checked: every relative link and image in README.md and docs/*.md resolves
+"""The prose stays true where it can be checked: every relative link and image in README.md and docs/ resolves
 (anchors included); every flag in a documented command exists in that command's parser; every default a method page
 states (`--flag VALUE (default ...)`, or a span of flags on a line that says 'default') equals the parser's; every
-repository path in backticks exists; and the generated tables are current (rebuilding them changes nothing)."""
+repository path in backticks exists; the generated blocks are current (rebuilding them changes nothing); and no
+measured figure is written by hand into current-state prose: figures about the committed results live in blocks
+that tools/report.py writes, every other measurement in a dated record (docs/records/, or a page's "## Records"
+section), and the papers' own numbers under a "Published" heading."""
 import argparse
 import glob
 import importlib
@@ -16,6 +19,7 @@ import pytest
 from conftest import ROOT
 
 PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+RECORDS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "records", "*.md")))
 SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")) if not p.endswith("common.py"))
 TOP_DIRS = ("tests/", "docs/", "tools/", "benchmarks/", "results/", ".ci/")
 
@@ -35,7 +39,7 @@ def anchors(page):
     return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text(page), re.M)}
 
 
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("page", PAGES + RECORDS)
 def test_links_and_images_resolve(page):
     bad = []
     for m in re.finditer(r"!?\[[^\]]*\]\(([^)\s]+)\)", text(page)):
@@ -159,7 +163,7 @@ def expand(path):
     return [q for alt in m.group(1).split(",") for q in expand(path[:m.start()] + alt + path[m.end():])]
 
 
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("page", PAGES + RECORDS)
 def test_repository_paths_in_backticks_exist(page):
     bad = []
     for span in re.findall(r"`([^`\s]+)`", text(page)):
@@ -185,3 +189,91 @@ def test_generated_tables_are_current(tmp_path):
         if f.read() != (tmp_path / "R.md").read_text():
             stale.append("results/RESULTS.md")
     assert not stale, f"rebuild with tools/report.py (see docs/reproduce.md): stale {stale}"
+
+
+# A measured figure: a mean ± std, a before -> after change, a range of minutes, a seed count ("(3 seeds)", "3 seeds").
+FIGURE = re.compile(r"\d+(?:\.\d+)? ± \d+(?:\.\d+)?|\d+\.\d+ → \d+\.\d+|\b\d+(?:\.\d+)? ?[–-] ?\d+(?:\.\d+)? ?min\b"
+                    r"|\(\d+ seeds?\)|\b\d+ seeds\b")
+GENERATED = re.compile(r"<!-- [^\n]*: tools/report\.py[^\n]*-->.*?<!-- end [^\n]*-->", re.S)
+DATED = re.compile(r"^#{2,3} \d{4}-\d{2}-\d{2}\b")
+
+
+def current_state(page_text):
+    """A page's current-state prose: without its generated blocks, its "## Records" section and "Published" sections
+    (the papers' own numbers), each up to the next heading of its level or above."""
+    t = GENERATED.sub("", page_text)
+    t = t.split("\n## Records\n")[0]
+    out, skip = [], None
+    for line in t.splitlines():
+        m = re.match(r"^(#+) ", line)
+        if m and skip is not None and len(m.group(1)) <= skip:
+            skip = None
+        if m and "published" in line.lower():
+            skip = len(m.group(1))
+        if skip is None:
+            out.append(line)
+    return "\n".join(out)
+
+
+def hand_written_figures(page_text):
+    return [(n + 1, m.group(0)) for n, line in enumerate(current_state(page_text).splitlines())
+            for m in FIGURE.finditer(line)]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_hand_written_figures_in_current_state_prose(page):
+    found = hand_written_figures(text(page))
+    assert not found, (f"{page}: measured figures written by hand outside generated blocks and dated records (line "
+                       f"of the current-state text, figure): {found}; let tools/report.py write it, or date a record")
+
+
+def test_an_inserted_hand_written_figure_fails():
+    """The check itself: a sentence copying a committed figure into a method page's prose is caught; the same sentence
+    inside a generated block, a dated record or a Published section is not."""
+    page = text("docs/gdfq.md")
+    assert hand_written_figures(page) == []
+    for sentence, figure in [("GDFQ ends at 83.25 ± 0.60 (5 seeds).", "83.25 ± 0.60"),
+                             ("Calibrated students move 85.09 → 83.25 here.", "85.09 → 83.25"),
+                             ("A short run takes 15–23 min on one thread.", "15–23 min"),
+                             ("Every cell now has 3 seeds.", "3 seeds")]:
+        bad = page.replace("## Overview\n", "## Overview\n\n" + sentence + "\n", 1)
+        assert figure in [f for _, f in hand_written_figures(bad)], sentence
+        inside = page.replace("<!-- end figures -->", sentence + "\n<!-- end figures -->", 1)
+        assert hand_written_figures(inside) == []
+        dated = page + "\n## Records\n\n### 2026-12-06 · x\n\n" + sentence + "\n"
+        assert hand_written_figures(dated) == []
+        published = page.replace("### Published numbers\n", "### Published numbers\n\n" + sentence + "\n", 1)
+        assert hand_written_figures(published) == []
+
+
+def records_of(page):
+    """(heading, body) of every record: each '## ' section of a docs/records/ file, each '### ' section under a page's
+    '## Records'."""
+    t = text(page)
+    if page in RECORDS:
+        parts = re.split(r"^(## .*)$", t, flags=re.M)
+    elif "\n## Records\n" in t:
+        parts = re.split(r"^(### .*)$", t.split("\n## Records\n", 1)[1], flags=re.M)
+    else:
+        return []
+    return list(zip(parts[1::2], parts[2::2]))
+
+
+@pytest.mark.parametrize("page", RECORDS + [p for p in PAGES if "\n## Records\n" in text(p)])
+def test_records_are_dated_with_cpu_commit_and_command(page):
+    recs = records_of(page)
+    assert recs, f"{page}: no records"
+    bad = []
+    for heading, body in recs:
+        first = body.strip().splitlines()[0] if body.strip() else ""
+        if not DATED.match(heading):
+            bad.append(f"{heading!r}: starts without its date (YYYY-MM-DD)")
+        elif not re.search(r"commit [0-9a-f]{7}", first) or "CPU:" not in first or \
+                not re.search(r"command|`python |\./run_all", first):
+            bad.append(f"{heading!r}: its first line names no commit, CPU or command: {first!r}")
+    assert not bad, f"{page}: {bad}"
+
+
+def test_the_records_check_can_fail():
+    assert DATED.match("## 2026-12-06 · x") and not DATED.match("## Now: x")
+    assert not DATED.match("### Today · side by side")

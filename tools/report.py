@@ -254,14 +254,13 @@ def update_docs(docs_dir, groups):
             continue
         text = open(path).read()
         method = name[:-3] if name[:-3] in grid.methods() else None
-        blocks = [(DOC_BEGIN, DOC_END, lambda: table(groups, methods={method} if method else None)),
-                  (FIG_BEGIN, FIG_END, lambda: figures(groups, method)) if method else None,
-                  (COST_BEGIN, COST_END, lambda: cost_table(groups)),
-                  (STAND_BEGIN, STAND_END, lambda: standings(groups))]
+        blocks = [(DOC_BEGIN, DOC_END, table, {"methods": {method} if method else None}),
+                  (FIG_BEGIN, FIG_END, figures, {"method": method}) if method else None,
+                  (COST_BEGIN, COST_END, cost_table, {}), (STAND_BEGIN, STAND_END, standings, {})]
         err, touched = None, False
-        for begin, end, body in filter(None, blocks):
+        for begin, end, make, kwargs in filter(None, blocks):
             if begin in text and not err:
-                err, touched = replace_between(path, begin, end, body()), True
+                err, touched = replace_between(path, begin, end, make(groups, **kwargs)), True
         if touched:
             (errors if err else done).append(err or path)
     return errors, done
@@ -378,7 +377,7 @@ def cost_table(groups):
     """Every method's runs per budget (variants included): how many, wall time per run and images/s (min–max),
     and the threads they ran with."""
     rows = defaultdict(list)
-    for (row, ds, w, a, budget), runs in groups.items():
+    for (row, *_, budget), runs in groups.items():
         rows[(base(row), budget)] += runs
     order = list(grid.methods())
     lines = ["| method | budget | runs | wall time per run | images/s | threads per run |", "|---" * 6 + "|"]
