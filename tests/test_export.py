@@ -4,6 +4,7 @@ installed) all compute what the fake-quantized student computes; end to end for 
 method; bad input is one line."""
 import json
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -266,10 +267,64 @@ def test_bad_input_is_one_line(tmp_path):
     for args, words in ((["tools/export.py", str(tmp_path / "nope")], "no such run directory"),
                         (["tools/export.py", str(tmp_path)], "neither model.pt nor checkpoint.pt"),
                         (["tools/export.py", "--int", str(tmp_path / "x.npz")], "no such file"),
-                        (["tools/export.py", "--int", str(tmp_path / "bad.npz")], "not a cleanqd integer export"),
+                        (["tools/export.py", "--int", str(tmp_path / "bad.npz")], "is not a .npz archive"),
                         (["tools/export.py", str(tmp_path / "run")], "has no args.json")):
         r = run_script(args, cwd=ROOT)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_truncated_empty_or_foreign_npz_is_one_line(tmp_path):
+    """--int on a truncated, empty or non-npz file (an .onnx, say): one line naming the file, exit 2."""
+    torch.manual_seed(0)
+    model = zeroq_student(4, torch.randn(4, 3, 32, 32))
+    meta = {"method": "gdfq", "dataset": "cifar10", "wbits": 4, "abits": 4, "num_classes": 10, "depth": 20,
+            "mean": [0.5] * 3, "std": [0.25] * 3}
+    export.export_npz(model, meta, tmp_path / "good.npz")
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut_more.npz").write_bytes(data[:100])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "student.onnx").write_bytes(b"\x08\x0a\x12\x07cleanqd" + bytes(200))
+    for name in ("cut.npz", "cut_more.npz", "empty.npz", "student.onnx"):
+        r = run_script(["tools/export.py", "--int", str(tmp_path / name)], cwd=ROOT)
+        assert r.returncode == 2 and name in r.stderr and len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+        assert "Traceback" not in r.stderr and "pickled" not in r.stderr, r.stderr
+
+
+def onnx_client_source():
+    """The ONNX-only client of docs/deploy.md: the python block after its '<!-- onnx client -->' marker."""
+    with open(os.path.join(ROOT, "docs", "deploy.md")) as f:
+        page = f.read()
+    return page.split("<!-- onnx client -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_onnx_carries_its_preprocessing_and_the_documented_client_scores_it(tmp_path, tiny_data):
+    """The .onnx alone says how to feed it (metadata_props, input doc string), and docs/deploy.md's client, which
+    imports neither cleanqd nor torch, gives the top-1 that tools/export.py --compare measures with ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    model = zeroq_student(4, torch.randn(4, 3, 32, 32))
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.201]
+    torch.save({"state_dict": model.state_dict(), "depth": 20, "num_classes": 10, "wbits": 4, "abits": 4,
+                "mean": mean, "std": std}, run / "model.pt")
+    (run / "args.json").write_text(json.dumps({"method": "gdfq", "dataset": "cifar10", "wbits": 4, "abits": 4}))
+    r = run_script(["tools/export.py", str(run), "--compare", "--data-dir", tiny_data, "--threads", "1"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    props = {p.key: p.value for p in onnx.load(str(run / "student.onnx")).metadata_props}
+    assert json.loads(props["input_mean"]) == mean and json.loads(props["input_std"]) == std
+    assert props["input_layout"] == "NCHW" and props["input_scale"] == "1/255" and props["num_classes"] == "10"
+    assert "/ 255" in onnx.load(str(run / "student.onnx")).graph.input[0].doc_string
+    client = tmp_path / "client.py"
+    client.write_text(onnx_client_source())
+    assert "cleanqd" not in client.read_text() and "torch" not in client.read_text()
+    r = subprocess.run([sys.executable, str(client), str(run / "student.onnx"),
+                        os.path.join(tiny_data, "cifar-10-batches-py", "test_batch")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((run / "export.json").read_text())
+    assert f"top-1 {rep['onnxruntime_top1']:.2f} on {rep['test_images']} images" in r.stdout, (r.stdout, rep)
 
 
 def test_missing_onnx_is_one_line(tmp_path, tiny_data):

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 
@@ -99,12 +100,20 @@ def export_npz(model, meta, path):
 
 
 def load_npz(path):
+    if not os.path.isfile(path):
+        die(f"{path}: no such file (an integer export is RUN_DIR/student_int.npz, written by this tool)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # a .npz is a zip archive; an empty, truncated-at-0 or foreign file is not
+        die(f"{path} is not a .npz archive ({'empty' if not head else 'no zip header'}): "
+            "export the run again with python tools/export.py RUN_DIR")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError) as e:
-        die(f"{path} is not a cleanqd integer export ({type(e).__name__}: {e})")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        die(f"{path} is not a readable cleanqd integer export ({type(e).__name__}: {str(e)[:120]}); "
+            "it may be truncated: export the run again")
     if meta.get("format") != FORMAT:
         die(f"{path} is not a cleanqd integer export ({FORMAT})")
     return arrays, meta
@@ -383,8 +392,24 @@ def build_onnx(arrays, meta, quantized=True):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", meta["num_classes"]])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], producer_name="cleanqd")
     model.ir_version = 10
+    model.graph.input[0].doc_string = INPUT_DOC.format(**meta)
+    helper.set_model_props(model, {k: str(v) for k, v in onnx_metadata(meta).items()})
     onnx.checker.check_model(model)
     return model
+
+
+INPUT_DOC = ("float32 [N, 3, 32, 32], RGB, channels first: pixel / 255, then (x - mean) / std per channel, "
+             "mean {mean}, std {std}")
+
+
+def onnx_metadata(meta):
+    """What a user of the .onnx alone needs to feed it (the model's metadata_props): layout, scaling, mean, std,
+    class count, and what the quantized student is."""
+    return {"input_layout": "NCHW", "input_shape": "N,3,32,32", "input_channels": "RGB", "input_scale": "1/255",
+            "input_mean": json.dumps(meta["mean"]), "input_std": json.dumps(meta["std"]),
+            "preprocessing": "x = (uint8_rgb_image / 255 - mean) / std, per channel, NCHW float32",
+            "num_classes": meta["num_classes"], "output": "logits [N, num_classes]",
+            "method": meta.get("method", "?"), "wbits": meta.get("wbits", "?"), "abits": meta.get("abits", "?")}
 
 
 def ort_session(model_bytes, threads=0):
