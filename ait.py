@@ -22,6 +22,7 @@ from common import (NUM_CLASSES, ArgumentParser, Progress, QConv2d, QLinear, Ups
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
 GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2022,
+        "paper_for": "ait",  # the published numbers below are ait's: a renamed copy shows none of them
         "paper": {"cifar10 W4A4": [91.23, "AIT paper (GDFQ+AIT)"], "cifar10 W5A5": [93.41, "AIT paper (GDFQ+AIT)"],
                   "cifar100 W4A4": [65.80, "AIT paper (GDFQ+AIT)"], "cifar100 W5A5": [69.26, "AIT paper (GDFQ+AIT)"]}}
 

@@ -23,6 +23,7 @@ from common import (NUM_CLASSES, ArgumentParser, BasicBlock, Progress, UpsampleC
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
 GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2025,
+        "paper_for": "akt",  # the published numbers below are akt's: a renamed copy shows none of them
         "paper": {f"{ds} W{b}A{b}": [v, "AKT paper (AdaDFQ+AKT)"] for ds, b, v in (
             ("cifar10", 3, 86.76), ("cifar10", 4, 92.64), ("cifar10", 5, 93.83), ("cifar100", 3, 54.68),
             ("cifar100", 4, 66.94), ("cifar100", 5, 69.75))},

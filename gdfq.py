@@ -18,8 +18,10 @@ from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, acce
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method: its kind (which budget it gets), the bit-widths it runs by
-# default and the ones it supports (W = A), the paper's year (table order) and its published numbers.
+# default and the ones it supports (W = A), the paper's year (table order) and its published numbers, which belong
+# to "paper_for": a copy under a new name shows none of them until you set your own paper_for and numbers.
 GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2020,
+        "paper_for": "gdfq",  # the published numbers below are gdfq's: a renamed copy shows none of them
         "paper": {"cifar10 W3A3": [75.11, "GDFQ re-run by AdaDFQ"], "cifar10 W4A4": [90.25, "GDFQ paper"],
                   "cifar10 W5A5": [93.38, "GDFQ paper"], "cifar100 W3A3": [47.61, "GDFQ re-run by AdaDFQ"],
                   "cifar100 W4A4": [63.39, "GDFQ paper"], "cifar100 W5A5": [66.12, "GDFQ paper"]}}

@@ -21,6 +21,7 @@ from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, acce
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
 GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2023,
+        "paper_for": "lrq",  # the published numbers below are lrq's: a renamed copy shows none of them
         "note": "our reading of the abstract; no LRQ number exists"}
 
 

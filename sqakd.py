@@ -20,6 +20,7 @@ from common import (NUM_CLASSES, ArgumentParser, Progress, accelerate, add_commo
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
 GRID = {"kind": "label-free", "bits": [1, 2, 3, 4], "supported_bits": [1, 2, 3, 4, 5, 6, 7, 8], "year": 2024,
+        "paper_for": "sqakd",  # the published numbers below are sqakd's: a renamed copy shows none of them
         "note": "published numbers not readable here"}
 
 

@@ -27,6 +27,7 @@ from common import (NUM_CLASSES, ArgumentParser, BasicBlock, Progress, UpsampleC
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2025,
+        "paper_for": "synq",  # the published numbers below are synq's: a renamed copy shows none of them
         "paper": {"cifar10 W3A3": [88.11, "SynQ paper"], "cifar10 W4A4": [92.76, "SynQ paper"],
                   "cifar100 W3A3": [57.28, "SynQ paper"], "cifar100 W4A4": [67.34, "SynQ paper"]},
         # the synthesis stage's budget, per run_all.sh budget (the other flags come from the zero-shot budget)

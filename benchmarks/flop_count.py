@@ -54,6 +54,9 @@ def category(op):
 
 
 def main():
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print("usage: python benchmarks/flop_count.py [--profile] SCRIPT.py [its flags]\n\n" + __doc__.strip())
+        sys.exit(0)
     profile = sys.argv[1:2] == ["--profile"]
     args = sys.argv[2:] if profile else sys.argv[1:]
     if not args or not args[0].endswith(".py"):

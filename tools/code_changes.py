@@ -6,6 +6,7 @@ relative change of the float (shadow) weights and of BN gamma/beta.
 
     python tools/code_changes.py runs/RUN_DIR
 """
+import argparse
 import json
 import os
 import sys
@@ -17,6 +18,9 @@ from common import NUM_CLASSES, CifarResNet, QConv2d, QLinear, load_teacher, qua
 
 
 def main(run_dir):
+    if not all(os.path.isfile(os.path.join(run_dir, f)) for f in ("args.json", "checkpoint.pt")):
+        print(f"code_changes.py: {run_dir} holds no args.json and checkpoint.pt: pass a run directory", file=sys.stderr)
+        sys.exit(2)
     with open(os.path.join(run_dir, "args.json")) as f:
         args = json.load(f)
     teacher, _ = load_teacher(args["teacher"], args["dataset"], args.get("teacher_depth", 20))
@@ -43,4 +47,6 @@ def main(run_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", help="a run directory of gdfq.py, ait.py, akt.py, lrq.py or synq.py (its checkpoint.pt)")
+    main(p.parse_args().run_dir)

@@ -53,6 +53,9 @@ def main(root, out):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print("usage: " + __doc__.strip())
+        sys.exit(0)
     if (len(sys.argv) < 3 or not os.path.isfile(os.path.join(sys.argv[1], "mdistiller", "distillers", "DKD.py"))
             or not os.path.isfile(os.path.join(sys.argv[2], "dkd_loss.pt"))):
         print("error: usage: python tools/lrq_parity.py MDISTILLER_CHECKOUT FIXTURE_DIR (the checkout must hold "

@@ -522,4 +522,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except grid.GridError as e:  # a script's GRID or variant that cannot be read: one line naming file and field
+        print(f"report: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -160,6 +160,9 @@ def main(src, out, float64=False):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print("usage: " + __doc__.strip())
+        sys.exit(0)
     if len(sys.argv) < 3 or not os.path.isfile(os.path.join(sys.argv[1], "data_generate", "distill_data.py")):
         print("error: usage: python tools/synq_parity.py SYNQ_CHECKOUT/src OUT_DIR [--float64] (SRC must hold "
               "data_generate/distill_data.py)", file=sys.stderr)
