@@ -10,6 +10,7 @@ import os
 import pickle
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,11 @@ def add_common_args(p, method):
     p.add_argument("--tensorboard", action="store_true",
                    help="also write the logged metrics as TensorBoard scalars under the run directory "
                         "(needs the optional tensorboard package)")
+    p.add_argument("--track", action="store_true",
+                   help="also log to Weights & Biases: the same scalars as metrics.jsonl, the args as its config and "
+                        "the run's code (needs the optional wandb package; WANDB_MODE=offline logs locally)")
+    p.add_argument("--wandb-project", default="cleanqd", help="--track: the W&B project")
+    p.add_argument("--wandb-entity", default=None, help="--track: the W&B entity (team or user; default: yours)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                    help="stop cleanly after this epoch (resumable with --resume), e.g. for time-limited jobs")
@@ -177,7 +183,8 @@ def _excepthook(kind, value, tb):
 
 # What a --resume may change: where and how fast it runs, how often it evaluates, what it writes on the side. Every
 # other flag given with --resume must equal the saved run's.
-RESUME_MAY_CHANGE = {"resume", "device", "threads", "tensorboard", "stop_after", "eval_every", "data_dir", "compile"}
+RESUME_MAY_CHANGE = {"resume", "device", "threads", "tensorboard", "stop_after", "eval_every", "data_dir", "compile",
+                     "track", "wandb_project", "wandb_entity"}
 
 
 def _fmt_flag(v):
@@ -210,6 +217,8 @@ def parse_args(p, argv=None, bits=(2, 8)):
         # off; --eval-every and --data-dir as given, else as saved
         keep = {"device": args.device, "threads": args.threads, "stop_after": args.stop_after,
                 "tensorboard": args.tensorboard or saved.get("tensorboard", False),
+                "track": args.track or saved.get("track", False),
+                **{k: getattr(args, k) for k in ("wandb_project", "wandb_entity")},
                 **{k: given[k] for k in ("eval_every", "data_dir") if k in given}}
         args = argparse.Namespace(**{**vars(args), **saved, **keep, "resume": args.resume})  # new flags: default
     if args.abits is None:
@@ -224,6 +233,11 @@ def parse_args(p, argv=None, bits=(2, 8)):
             importlib.import_module("torch.utils.tensorboard")  # needs the tensorboard package
         except ImportError:
             die("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if getattr(args, "track", False):
+        try:
+            importlib.import_module("wandb")
+        except ImportError:
+            die("--track needs the wandb package: pip install wandb (WANDB_MODE=offline logs without an account)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device} requested but CUDA is not available; use --device cpu")
     if args.threads:
@@ -833,20 +847,48 @@ def load_weights_only(path, what):
 
 
 def provenance(script):
-    """Which code made a run: the git commit (and whether tracked files differed from it) of the folder holding the
-    script, or, outside git, a SHA-256 of the script and common.py."""
+    """Which code made a run: the git commit of the folder holding the script and whether the tree differed from it
+    (modified tracked files, and untracked ones: a copied script not yet committed makes the run dirty), or, outside
+    git, a SHA-256 of the script and common.py. The exact code is also saved in the run directory (save_code)."""
     folder = os.path.dirname(os.path.abspath(script))
     try:
         run = dict(cwd=folder, capture_output=True, text=True, timeout=10, check=True)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip())
-        return {"git_commit": commit, "git_dirty": dirty}
+        status = subprocess.run(["git", "status", "--porcelain"], **run).stdout.splitlines()
+        untracked = sum(line.startswith("??") for line in status)
+        return {"git_commit": commit, "git_dirty": bool(status), "git_modified": len(status) - untracked,
+                "git_untracked": untracked}
     except (OSError, subprocess.SubprocessError):
         h = hashlib.sha256()
         for f in (script, __file__):
             with open(f, "rb") as fh:
                 h.update(fh.read())
         return {"code_sha256": h.hexdigest()}
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def save_code(run_dir, files):
+    """Copy the code that runs (the script and common.py) into RUN_DIR/code/, as airbench keeps its own source.
+    Returns {file name: SHA-256} of the files running now. A resumed run whose code differs from the saved copy keeps
+    both: the new files go to code/resumed-TIME/ (one line says so)."""
+    code = os.path.join(run_dir, "code")
+    files = [f for f in files if f and f.endswith(".py") and os.path.isfile(f)]
+    hashes = {os.path.basename(f): sha256_of(f) for f in files}
+    saved = {n: sha256_of(os.path.join(code, n)) for n in hashes if os.path.isfile(os.path.join(code, n))}
+    if saved == hashes:
+        return hashes
+    dest = code if not saved else os.path.join(code, f"resumed-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(dest, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, os.path.join(dest, os.path.basename(f)))
+    if saved:
+        print(f"note: the code differs from the code this run started with ({code}/); the new files are kept in "
+              f"{dest}/ (tools/code_diff.py compares runs)")
+    return hashes
 
 
 class Run:
@@ -865,13 +907,22 @@ class Run:
             os.makedirs(self.dir, exist_ok=True)
             saved = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_after")}
             self._write_json("args.json", {**saved, "provenance": provenance(main_script())})
+        self.code = save_code(self.dir, [main_script(), __file__])
         self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
         self.ckpt_path = os.path.join(self.dir, "checkpoint.pt")
         self.ckpt = None  # the checkpoint, once a resume has read it
-        self.tb = None
+        self.tb = self.wandb = None
         if getattr(args, "tensorboard", False):  # importable: parse_args checked it
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"))
+        if getattr(args, "track", False):  # importable: parse_args checked it
+            import wandb
+            run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in os.path.basename(os.path.normpath(
+                self.dir)))[-64:]  # one W&B run per run directory: a resume continues it
+            self.wandb = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=os.path.basename(
+                os.path.normpath(self.dir)), id=run_id, resume="allow", dir=self.dir, config=vars(args))
+            for name in self.code:
+                self.wandb.save(os.path.join(self.dir, "code", name), base_path=self.dir, policy="now")
 
     def _write_json(self, name, obj):
         path = os.path.join(self.dir, name)
@@ -883,11 +934,13 @@ class Run:
         """Append one metrics record (a flat dict) to metrics.jsonl."""
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k not in ("epoch", "iteration") and isinstance(v, (int, float))}
         if self.tb:  # the same metrics; x axis: training iterations
-            for k, v in record.items():
-                if k not in ("epoch", "iteration") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["iteration"] or record["epoch"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["iteration"] or record["epoch"])
             self.tb.flush()
+        if self.wandb:
+            self.wandb.log({**scalars, "epoch": record["epoch"]}, step=record["iteration"] or record["epoch"])
 
     def save_checkpoint(self, state):
         """Write checkpoint.pt atomically (temp file + rename): a kill never leaves a half-written file."""
@@ -922,7 +975,12 @@ class Run:
         torch.save({"state_dict": model.state_dict(), **extra}, os.path.join(self.dir, "model.pt"))
 
     def summary(self, obj):
-        self._write_json("summary.json", {**obj, "version": __version__, "provenance": provenance(main_script())})
+        self._write_json("summary.json", {**obj, "version": __version__, "provenance": provenance(main_script()),
+                                          "code_sha256": self.code})
+        if self.wandb:
+            self.wandb.summary.update({k: v for k, v in obj.items() if isinstance(v, (int, float))})
+            self.wandb.finish()
+            self.wandb = None
 
 
 def main_script():
@@ -971,10 +1029,11 @@ def load_run_student(run_dir, device="cpu"):
     with open(args_path) as f:
         args = argparse.Namespace(**{**json.load(f), "device": str(device)})
     _, info = load_teacher(args.teacher, args.dataset, args.teacher_depth)
-    depth = getattr(args, "student_depth", None) or args.teacher_depth
-    model = import_script(args.method).build_student(args, CifarResNet(depth, NUM_CLASSES[args.dataset]))
+    state = load_weights_only(ckpt, "checkpoint")["student"]
+    blocks = {k.split(".")[1] for k in state if k.startswith("layer1.")}  # the student's depth, from its own weights
+    model = import_script(args.method).build_student(args, CifarResNet(6 * len(blocks) + 2, NUM_CLASSES[args.dataset]))
     mean, std = eval_normalisation(args, info)
-    return _load_student_state(model, load_weights_only(ckpt, "checkpoint")["student"], device), mean, std
+    return _load_student_state(model, state, device), mean, std
 
 
 def _load_student_state(model, state, device):
@@ -990,10 +1049,10 @@ def fmt_time(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def setup(args):
+def setup(args, evaluate_only=False):
     """Seed, load the teacher (frozen, channels_last) and the test set, create or reopen the run directory and
-    evaluate the teacher (a resumed run reads the figure from its checkpoint). `--epochs 0` ends here with a summary.
-    Returns (teacher, info, test, run, teacher_top1)."""
+    evaluate the teacher (a resumed run reads the figure from its checkpoint). evaluate_only (a script's `--epochs 0`)
+    ends here with a summary. Returns (teacher, info, test, run, teacher_top1)."""
     seed_everything(args.seed, args.deterministic)
     teacher, info = load_teacher(args.teacher, args.dataset, args.teacher_depth)
     teacher = teacher.to(args.device, memory_format=torch.channels_last).requires_grad_(False)
@@ -1013,7 +1072,7 @@ def setup(args):
     else:
         teacher_top1 = test.top1(teacher)
     print(f"teacher top-1 {teacher_top1:.2f}  run dir {run.dir}", flush=True)
-    if args.epochs == 0:
+    if evaluate_only:
         run.summary({"teacher_top1": teacher_top1, "final_top1": None, "best_top1": None, "epochs_done": 0,
                      "wall_seconds": 0.0, "run_dir": run.dir, "args": vars(args)})
         raise SystemExit(0)

@@ -238,7 +238,7 @@ def memory_format(args):
 
 if __name__ == "__main__":
     args = parse()
-    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    teacher, info, test, run, teacher_top1 = setup(args, evaluate_only=args.epochs == 0)  # --epochs 0: teacher only
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
     teacher = teacher.to(memory_format=memory_format(args))
     x_train, y_train = load_cifar(args.dataset, args.data_dir, train=True)

@@ -127,7 +127,7 @@ def student_loss(s_logits, t_logits, y, temperature, reduction="mean", ce_weight
 
 if __name__ == "__main__":
     args = parse()
-    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    teacher, info, test, run, teacher_top1 = setup(args, evaluate_only=args.epochs == 0)  # --epochs 0: teacher only
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
     student = build_student(args, teacher)

@@ -217,7 +217,7 @@ def kd_loss(s_logits, t_logits, temperature):
 
 if __name__ == "__main__":
     args = parse()
-    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    teacher, info, test, run, teacher_top1 = setup(args, evaluate_only=args.epochs == 0)  # --epochs 0: teacher only
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
     x_train, _ = load_cifar(args.dataset, args.data_dir, train=True)
     if args.train_subset:

@@ -340,7 +340,7 @@ def finetune_losses(args, student, teacher, s_taps, t_taps, x, y):
 
 if __name__ == "__main__":
     args = parse()
-    teacher, info, test, run, teacher_top1 = setup(args)  # seeding, teacher, test set, run dir; --epochs 0 ends here
+    teacher, info, test, run, teacher_top1 = setup(args, evaluate_only=args.epochs == 0)  # --epochs 0: teacher only
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
     images, labels = synthesize(args, teacher, args.synthetic or os.path.join(run.dir, "synthetic.pt"), device,
                                 num_classes, run.teacher_sha256)  # stage 1, or its file
