@@ -277,3 +277,11 @@ def test_records_are_dated_with_cpu_commit_and_command(page):
 def test_the_records_check_can_fail():
     assert DATED.match("## 2026-12-06 · x") and not DATED.match("## Now: x")
     assert not DATED.match("### Today · side by side")
+
+
+def test_protocol_lists_every_flag_a_resume_may_change():
+    from common import RESUME_MAY_CHANGE
+    page = " ".join(text("docs/protocol.md").split())
+    sentence = page[page.index("Only these may change:"):].split(". ")[0]
+    missing = [f for f in sorted(RESUME_MAY_CHANGE - {"resume"}) if f"--{f.replace('_', '-')}`" not in sentence]
+    assert not missing, f"docs/protocol.md: the flags a resume may change omit {missing}"
