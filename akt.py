@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, BasicBlock, Progress, UpsampleConv3x3, accelerate, add_common_args,
-                    at_least, check_warmup, full_precision, lr_milestones, method_name, parse_args, quantize_model,
-                    set_calibrating, set_lr, setup)
+from common import (ArgumentParser, NUM_CLASSES, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
+                    check_warmup, die, full_precision, lr_milestones, method_name, parse_args, quantize_model,
+                    residual_branches, set_calibrating, set_lr, setup)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
@@ -31,6 +31,15 @@ GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6
             ("cifar10", 3, 72.80), ("cifar10", 4, 90.33), ("cifar10", 5, 93.36), ("cifar100", 3, 49.06),
             ("cifar100", 4, 63.37), ("cifar100", 5, 67.46))}}}
 
+# The ImageNet recipe: AKT publishes CIFAR only, so its base's, AdaDFQ's (ImageNet/imagenet_{res18,res50,MV2}.hocon
+# and trainer.py), with AKT's RFD on top (our reading); the defaults of the flags not given with --dataset imagenet
+IMAGENET = {"epochs": 400, "batch_size": 16, "calib_epochs": 4,
+            "warmup_epochs": {"resnet18": 50, "resnet50": 100, "mobilenet_v2": 50},
+            "lr_s": {"resnet18": 1e-5, "resnet50": 1e-4, "mobilenet_v2": 1e-5},
+            "milestones": {"resnet18": [0.875], "resnet50": [0.375, 0.75], "mobilenet_v2": [0.875]},  # 350; 150, 300
+            "temperature": 5.0, "entropy_weight": 25.0,  # AdaDFQ ImageNet: 5 * 5 * entropy(.../ 5)
+            "h_low": {"resnet18": 0.1, "resnet50": 0.4, "mobilenet_v2": 0.1}}
+
 
 def variant(args):
     """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
@@ -40,12 +49,15 @@ def variant(args):
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, METHOD)
+    add_common_args(p, METHOD, datasets=("cifar10", "cifar100", "imagenet"))
     p.add_argument("--base", default="adadfq", choices=["adadfq", "gdfq"],
                    help="zero-shot base: AdaDFQ (released code, the paper's best numbers) or GDFQ")
     p.add_argument("--epochs", type=at_least(0), default=200, help="total epochs, warm-up included (AKT: 200)")
     p.add_argument("--warmup-epochs", type=int, default=4,
                    help="epochs in which only the generator trains and the activation ranges calibrate")
+    p.add_argument("--calib-epochs", type=int, default=None,
+                   help="the first epochs, within the warm-up, in which the activation ranges calibrate (default: the "
+                        "whole warm-up; the reference calibrates in epochs 1-4 whatever its warm-up)")
     p.add_argument("--iters-per-epoch", type=at_least(1), default=200, help="iterations per epoch")
     p.add_argument("--batch-size", type=at_least(1), default=200, help="generated images per iteration")
     p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD, Nesterov)")
@@ -62,14 +74,23 @@ def parse(argv=None):
     p.add_argument("--fd-temperature", type=float, default=8.0, help="softening temperature of the attention maps")
     p.add_argument("--temperature", type=float, default=20.0, help="logit temperature (GDFQ KL / AdaDFQ entropy)")
     p.add_argument("--entropy-weight", type=float, default=400.0, help="AdaDFQ student: weight of the entropy term")
+    p.add_argument("--h-low", type=float, default=0.1,
+                   help="AdaDFQ generator: lower bound of the normalised disagreement entropy (its lambda_l)")
+    p.add_argument("--h-high", type=float, default=0.8,
+                   help="AdaDFQ generator: upper bound of the normalised disagreement entropy (its lambda_u)")
     p.add_argument("--bns-weight", type=float, default=None,
                    help="weight of the BNS loss in the generator loss (default: 1.0 for adadfq, 0.1 for gdfq)")
     p.add_argument("--latent-dim", type=int, default=100, help="generator noise dimension")
     p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
                    help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
                         "bias-corrected one, which inflates the ranges for the first ~150 updates")
-    args = parse_args(p, argv)
-    check_warmup(args.epochs, args.warmup_epochs)
+    args = parse_args(p, argv, dataset_defaults={"imagenet": IMAGENET})
+    if args.calib_epochs is None or args.calib_epochs > args.warmup_epochs > 0:  # a shorter warm-up bounds it
+        args.calib_epochs = args.warmup_epochs
+    check_warmup(args.epochs, args.warmup_epochs, args.calib_epochs)
+    if args.dataset == "imagenet" and args.base != "adadfq":
+        die("--base gdfq with --dataset imagenet: AKT's ImageNet recipe is AdaDFQ's; for GDFQ + RFD on ImageNet, "
+            "copy this script and set its IMAGENET table from gdfq.py's")
     if args.bns_weight is None:
         args.bns_weight = 1.0 if args.base == "adadfq" else 0.1
     return args
@@ -97,6 +118,36 @@ class Generator(nn.Module):
     def forward(self, z, y):
         h = self.l1(self.label_emb(y) * z).view(-1, 128, self.init_size, self.init_size)
         return self.block2(self.block1(self.bn0(h)))
+
+# ALGO LOGIC: the ImageNet generator (the reference's Generator_imagenet): the label enters through class-conditional
+# BatchNorms (a per-class scale and shift on an affine-free BN) instead of multiplying the noise; 224x224 images
+class ConditionalBatchNorm2d(nn.BatchNorm2d):
+    def __init__(self, num_classes, channels, eps=1e-5):
+        super().__init__(channels, eps, affine=False)
+        self.weights, self.biases = nn.Embedding(num_classes, channels), nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.weights.weight)
+        nn.init.zeros_(self.biases.weight)
+
+    def forward(self, x, y):
+        return super().forward(x) * self.weights(y)[:, :, None, None] + self.biases(y)[:, :, None, None]
+
+
+class GeneratorImageNet(nn.Module):
+    def __init__(self, num_classes, latent_dim=100, img_size=224):
+        super().__init__()
+        self.init_size = img_size // 4
+        self.l1 = nn.Linear(latent_dim, 128 * self.init_size ** 2)
+        self.bn0 = ConditionalBatchNorm2d(num_classes, 128)
+        self.conv1, self.bn1 = UpsampleConv3x3(128, 128), ConditionalBatchNorm2d(num_classes, 128, 0.8)  # eps 0.8
+        self.conv2, self.bn2 = UpsampleConv3x3(128, 64), ConditionalBatchNorm2d(num_classes, 64, 0.8)
+        self.conv3, self.bn3 = nn.Conv2d(64, 3, 3, 1, 1), nn.BatchNorm2d(3, affine=False)
+
+    def forward(self, z, y):
+        h = self.bn0(self.l1(z).view(-1, 128, self.init_size, self.init_size), y)
+        h = F.leaky_relu(self.bn1(self.conv1(h), y), 0.2)
+        h = F.leaky_relu(self.bn2(self.conv2(h), y), 0.2)
+        return self.bn3(torch.tanh(self.conv3(h)))
+
 
 
 class BNStatsLoss:
@@ -126,9 +177,8 @@ class ResidualBranches:
 
     def __init__(self, model):
         self.feats, self.active = [], False
-        for m in model.modules():
-            if isinstance(m, BasicBlock):
-                m.bn2.register_forward_hook(self._hook)
+        for m in residual_branches(model):  # common.py: the last BN of each residual block
+            m.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
         if self.active:
@@ -186,14 +236,14 @@ def entropy(logits):
     return -(logp.exp() * logp).sum(1)
 
 
-def adadfq_generator_loss(t_logits, s_logits, y, num_classes):
+def adadfq_generator_loss(t_logits, s_logits, y, num_classes, h_low=0.1, h_high=0.8):
     """AdaDFQ: one-hot terms on the teacher-student disagreement and agreement + an adaptive entropy band."""
     onehot = torch.zeros_like(t_logits).scatter_(1, y[:, None], 1.0)  # F.one_hot would check y on the host
     loss_onehot = 0.2 * soft_ce(t_logits - s_logits, onehot) + 0.1 * soft_ce(t_logits + s_logits, onehot)
     h = entropy(t_logits - s_logits)
     h_min = h.min()
     h_norm = (h - h_min) / (math.log(num_classes) - h_min)
-    h_loss = F.relu(0.1 - h_norm).mean() + F.relu(h_norm - 0.8).mean()
+    h_loss = F.relu(h_low - h_norm).mean() + F.relu(h_norm - h_high).mean()
     return h_loss + loss_onehot
 
 
@@ -208,7 +258,8 @@ if __name__ == "__main__":
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
     student = build_student(args, teacher)
-    generator = Generator(num_classes, args.latent_dim).to(device).train()
+    generator = (GeneratorImageNet if args.dataset == "imagenet" else Generator)(
+        num_classes, args.latent_dim).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     t_branches, s_branches = ResidualBranches(teacher), ResidualBranches(student)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
@@ -221,7 +272,7 @@ if __name__ == "__main__":
 
     for epoch in range(progress.start_epoch, args.epochs):
         warmup = epoch < args.warmup_epochs
-        set_calibrating(student, warmup)
+        set_calibrating(student, epoch < args.calib_epochs)
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
@@ -241,7 +292,8 @@ if __name__ == "__main__":
                 student.requires_grad_(False)
                 s_logits_g = student(x)
                 student.requires_grad_(True)
-                loss_g = adadfq_generator_loss(t_logits, s_logits_g, y, num_classes) + args.bns_weight * bns
+                loss_g = adadfq_generator_loss(t_logits, s_logits_g, y, num_classes, args.h_low, args.h_high)
+                loss_g = loss_g + args.bns_weight * bns
             else:
                 loss_g = F.cross_entropy(t_logits, y) + args.bns_weight * bns
             opt_g.zero_grad(set_to_none=True)
@@ -270,7 +322,7 @@ if __name__ == "__main__":
 
         progress.end_epoch(epoch, student, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
                            args.iters_per_epoch * args.batch_size, warmup,
-                           calibration_done=epoch == args.warmup_epochs - 1)
+                           calibration_done=epoch == args.calib_epochs - 1)
 
     progress.finish(student, args.teacher_depth, num_classes, {  # what makes this run's cell comparable
         "quantizer": "zeroq: weights per output channel (min/max), activations per tensor (calibrated in the warm-up, "

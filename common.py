@@ -24,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __version__ = "0.1.0"
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+CIFAR = ("cifar10", "cifar100")
+IMAGENET_ARCHS = ("resnet18", "resnet50", "mobilenet_v2")  # torchvision's models (--arch, with --dataset imagenet)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,16 +96,27 @@ def at_least(least):
     return parse
 
 
-def add_common_args(p, method):
+def add_common_args(p, method, datasets=CIFAR):
     """The command-line contract every cleanqd script shares (data, teacher, bits, seeding, run dirs); `method`
-    names the runs (pass method_name(__file__))."""
-    p.add_argument("--dataset", default="cifar10", choices=sorted(NUM_CLASSES), help="dataset")
+    names the runs (pass method_name(__file__)); `datasets`: those the script supports (CIFAR, or CIFAR and
+    "imagenet", which needs no training data: the zero-shot methods)."""
+    imagenet = "imagenet" in datasets
+    p.add_argument("--dataset", default="cifar10", choices=list(datasets), help="dataset")
     p.add_argument("--wbits", type=int, default=4, help="weight bit-width")
     p.add_argument("--abits", type=int, default=None, help="activation bit-width (default: --wbits)")
-    p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/")
-    p.add_argument("--teacher", default="pytorchcv",
-                   help="'pytorchcv' (the papers' teacher, downloaded), 'chenyaofo' (downloaded) or a path to a .pth")
-    p.add_argument("--teacher-depth", type=int, default=20, help="ResNet depth of the teacher (20/32/44/56/110)")
+    p.add_argument("--data-dir", default="./data", help="folder holding cifar-10-batches-py/ or cifar-100-python/"
+                   + (" (CIFAR), or ImageNet's val/<wnid>/*.JPEG folders (ImageNet)" if imagenet else ""))
+    p.add_argument("--teacher", default=None,
+                   help="CIFAR: 'pytorchcv' (the papers' teacher, downloaded; the default), 'chenyaofo' (downloaded) "
+                        "or a path to a .pth" + ("; ImageNet: 'torchvision' (torchvision's IMAGENET1K_V1 weights, "
+                                                 "downloaded; the default), 'pytorchcv' (the papers' teachers, "
+                                                 "downloaded) or a path to a state_dict of --arch" if imagenet else ""))
+    p.add_argument("--teacher-depth", type=int, default=20, help="ResNet depth of the CIFAR teacher (20/32/44/56/110)")
+    if imagenet:
+        p.add_argument("--arch", default=None, choices=IMAGENET_ARCHS,
+                       help="the ImageNet teacher's architecture, torchvision's (default: resnet18; ImageNet only)")
+        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="ImageNet: worker processes that decode the validation images")
     p.add_argument("--eval-norm", default="teacher", choices=["teacher", "dataset"],
                    help="test-set normalisation: the teacher's own constants, or the GDFQ-family dataset statistics")
     p.add_argument("--seed", type=int, default=0, help="random seed (python, numpy, torch)")
@@ -184,20 +197,41 @@ def _excepthook(kind, value, tb):
 # What a --resume may change: where and how fast it runs, how often it evaluates, what it writes on the side. Every
 # other flag given with --resume must equal the saved run's.
 RESUME_MAY_CHANGE = {"resume", "device", "threads", "tensorboard", "stop_after", "eval_every", "data_dir", "compile",
-                     "track", "wandb_project", "wandb_entity"}
+                     "track", "wandb_project", "wandb_entity", "workers"}
 
 
 def _fmt_flag(v):
     return " ".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
-def parse_args(p, argv=None, bits=(2, 8)):
-    """Parse, validate the shared flags, and merge with args.json when --resume is given. From here on an
-    uncaught UserError ends the program with one line and exit code 2."""
+def _recipe_text(v):
+    if isinstance(v, dict):  # per architecture
+        vals = list(v.values())
+        if all(x == vals[0] for x in vals):
+            return _fmt_flag(vals[0])
+        return ", ".join(f"{a}: {_fmt_flag(x)}" for a, x in v.items())
+    return _fmt_flag(v)
+
+
+def parse_args(p, argv=None, bits=(2, 8), dataset_defaults=None):
+    """Parse, validate the shared flags, and merge with args.json when --resume is given. `dataset_defaults`:
+    {dataset: {dest: value, or {arch: value}}}, a dataset's own recipe, which replaces the defaults of the flags not
+    given on the command line (a resumed run keeps its saved values); --help shows them. From here on an uncaught
+    UserError ends the program with one line and exit code 2."""
     sys.excepthook = _excepthook
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    for dataset, table in (dataset_defaults or {}).items():
+        for action in p._actions:
+            if action.dest in table and action.help and f"{dataset}:" not in action.help:
+                action.help += f" [{dataset}: {_recipe_text(table[action.dest])}]".replace("%", "%%")
     args = p.parse_args(argv)
+    if not args.resume and args.dataset in (dataset_defaults or {}):
+        given = p.given(argv)
+        arch = getattr(args, "arch", None) or IMAGENET_ARCHS[0]
+        for k, v in dataset_defaults[args.dataset].items():
+            if k not in given:
+                setattr(args, k, v[arch] if isinstance(v, dict) else v)
     if args.resume:
         path = os.path.join(args.resume, "args.json")
         if not os.path.isfile(path):
@@ -223,6 +257,19 @@ def parse_args(p, argv=None, bits=(2, 8)):
         args = argparse.Namespace(**{**vars(args), **saved, **keep, "resume": args.resume})  # new flags: default
     if args.abits is None:
         args.abits = args.wbits
+    imagenet = args.dataset == "imagenet"
+    if not imagenet and getattr(args, "arch", None):
+        die(f"--arch {args.arch} applies to --dataset imagenet; a CIFAR teacher is chosen with --teacher-depth")
+    if imagenet:
+        args.arch = args.arch or IMAGENET_ARCHS[0]
+    if args.teacher is None:
+        args.teacher = "torchvision" if imagenet else "pytorchcv"
+    if imagenet and args.eval_norm != "teacher":
+        die("--eval-norm dataset is CIFAR's (the GDFQ family's dataset statistics); ImageNet evaluates with the "
+            "ImageNet mean and std")
+    if args.teacher in ("torchvision", "chenyaofo") and args.teacher != ("torchvision" if imagenet else "chenyaofo"):
+        die(f"--teacher {args.teacher} has no {args.dataset} weights; use "
+            + ("'torchvision', 'pytorchcv' or a path" if imagenet else "'pytorchcv', 'chenyaofo' or a path"))
     lo, hi = bits
     for name in ("wbits", "abits"):
         v = getattr(args, name)
@@ -418,7 +465,7 @@ def detect_layout(sd):
                     "or chenyaofo CIFAR ResNet layout")
 
 
-def load_weights_strict(model, sd):
+def load_weights_strict(model, sd, what=None):
     """Load a native-named state_dict, every key used; a mismatch lists the differing keys and shapes."""
     own = model.state_dict()
     for k in own:  # old files may lack BN's num_batches_tracked counters; they do not affect the model
@@ -433,8 +480,8 @@ def load_weights_strict(model, sd):
             return ", ".join(xs[:4]) + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")
         bits = [f"missing {short(missing)}" if missing else "", f"unexpected {short(unexpected)}" if unexpected else "",
                 f"shape {short(shapes)}" if shapes else ""]
-        raise UserError(f"teacher weights do not match ResNet-{model.depth} with {model.num_classes} classes: "
-                        + "; ".join(b for b in bits if b))
+        what = what or f"ResNet-{model.depth} with {model.num_classes} classes"
+        raise UserError(f"teacher weights do not match {what}: " + "; ".join(b for b in bits if b))
     model.load_state_dict(sd, strict=True)
 
 
@@ -465,18 +512,8 @@ def _download(url, kind, prefix, cache_dir):
     return path
 
 
-def load_teacher(spec, dataset, depth=20, cache_dir=None):
-    """Build the FP teacher from 'pytorchcv', 'chenyaofo' or a local path. Returns (model, info) where info
-    holds the file, layout and the input normalisation (mean, std) that the weights were trained with."""
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cleanqd")
-    if spec in ("pytorchcv", "chenyaofo"):
-        if depth != 20:
-            raise UserError(f"--teacher {spec} downloads ResNet-20 only; pass a local file for depth {depth}")
-        path = _download(*TEACHERS[(spec, dataset)], cache_dir)
-    else:
-        path = spec
-        if not os.path.isfile(path):
-            raise UserError(f"--teacher {path}: no such file (use 'pytorchcv', 'chenyaofo' or a path to a .pth)")
+def _read_state_dict(path):
+    """A state_dict from a .pth (a plain one, or {"state_dict": ...}; DataParallel's "module." dropped)."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -487,7 +524,24 @@ def load_teacher(spec, dataset, depth=20, cache_dir=None):
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"--teacher {path} holds a {type(sd).__name__}, not a state_dict (a dict of parameter "
                         "tensors, e.g. model.state_dict() saved with torch.save)")
-    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def load_teacher(spec, dataset, depth=20, cache_dir=None, arch=None):
+    """Build the FP teacher from 'pytorchcv', 'chenyaofo' or a local path. Returns (model, info) where info
+    holds the file, layout and the input normalisation (mean, std) that the weights were trained with."""
+    if dataset == "imagenet":
+        return load_imagenet_teacher(spec, arch or IMAGENET_ARCHS[0], cache_dir)
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cleanqd")
+    if spec in ("pytorchcv", "chenyaofo"):
+        if depth != 20:
+            raise UserError(f"--teacher {spec} downloads ResNet-20 only; pass a local file for depth {depth}")
+        path = _download(*TEACHERS[(spec, dataset)], cache_dir)
+    else:
+        path = spec
+        if not os.path.isfile(path):
+            raise UserError(f"--teacher {path}: no such file (use 'pytorchcv', 'chenyaofo' or a path to a .pth)")
+    sd = _read_state_dict(path)
     layout = detect_layout(sd)
     if layout == "pytorchcv":
         sd = pytorchcv_to_native(sd)
@@ -498,9 +552,161 @@ def load_teacher(spec, dataset, depth=20, cache_dir=None):
     return model, {"path": os.path.abspath(path), "layout": layout, "mean": norm[0], "std": norm[1]}
 
 
+# ImageNet teachers: torchvision's models. Their blocks call one ReLU module at two places (after the first BN and
+# after the residual add): each place gets its own module here, so that each activation gets its own quantizer, as
+# in the papers' pytorchcv models. Parameter names and state_dict keys are torchvision's.
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGENET_TEACHERS = {  # torchvision's IMAGENET1K_V1 (the weights the field's tables used) and pytorchcv's files
+    ("torchvision", "resnet18"): "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    ("torchvision", "resnet50"): "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    ("torchvision", "mobilenet_v2"): "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+    ("pytorchcv", "resnet18"): ("https://github.com/osmr/imgclsmob/releases/download/v0.0.153/"
+                                "resnet18-0982-0126861b.pth.zip", "sha1", "0126861b"),
+    ("pytorchcv", "resnet50"): ("https://github.com/osmr/imgclsmob/releases/download/v0.0.329/"
+                                "resnet50-0633-b00d1c8e.pth.zip", "sha1", "b00d1c8e"),
+}
+
+
+def _basic_forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    return self.relu_out(self.bn2(self.conv2(out)) + identity)
+
+
+def _bottleneck_forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu_mid(self.bn2(self.conv2(out)))
+    return self.relu_out(self.bn3(self.conv3(out)) + identity)
+
+
+_TV_BLOCKS = {}
+
+
+def imagenet_model(arch, num_classes=1000):
+    """torchvision's `arch` (random weights), each ReLU place its own module; `.arch`, `.num_classes` and
+    `.depth` (None) describe it."""
+    import torchvision
+    from torchvision.models import resnet
+    if arch not in IMAGENET_ARCHS:
+        raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(IMAGENET_ARCHS)}")
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if not _TV_BLOCKS:
+        _TV_BLOCKS[resnet.BasicBlock] = type("BasicBlock", (resnet.BasicBlock,), {"forward": _basic_forward})
+        _TV_BLOCKS[resnet.Bottleneck] = type("Bottleneck", (resnet.Bottleneck,), {"forward": _bottleneck_forward})
+    for m in model.modules():
+        if type(m) in _TV_BLOCKS:
+            m.__class__ = _TV_BLOCKS[type(m)]
+            m.relu_out = nn.ReLU(inplace=True)
+            if isinstance(m, resnet.Bottleneck):
+                m.relu_mid = nn.ReLU(inplace=True)
+    model.arch, model.num_classes, model.depth = arch, num_classes, None
+    return model
+
+
+def build_model(dataset, arch=None, depth=20):
+    """The float network a run's teacher and student have: torchvision's `arch` on ImageNet, else a CIFAR ResNet."""
+    if dataset == "imagenet":
+        return imagenet_model(arch or IMAGENET_ARCHS[0])
+    return CifarResNet(depth, NUM_CLASSES[dataset])
+
+
+def residual_branches(model):
+    """The modules whose outputs are the residual branches, before the add, in forward order: the last BatchNorm of
+    every residual block (CIFAR and torchvision ResNets) or inverted residual with a skip (MobileNetV2)."""
+    from torchvision.models import mobilenetv2, resnet
+    out = []
+    for m in model.modules():
+        if isinstance(m, (BasicBlock, resnet.BasicBlock)):
+            out.append(m.bn2)
+        elif isinstance(m, resnet.Bottleneck):
+            out.append(m.bn3)
+        elif isinstance(m, mobilenetv2.InvertedResidual) and m.use_res_connect:
+            out.append(m.conv[-1])
+    return out
+
+
+def classifier(model):
+    """The model's classifier: its last Linear layer."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def logits_and_pooled(model, x):
+    """(logits, the pooled feature the classifier reads) of one forward: a CIFAR ResNet's forward_features, else
+    the input of the last Linear layer, read by a hook for this call."""
+    if hasattr(model, "forward_features"):
+        logits, feats = model.forward_features(x)
+        return logits, feats["pool"]
+    seen = []
+    hook = classifier(model).register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))
+    try:
+        logits = model(x)
+    finally:
+        hook.remove()
+    return logits, full_precision(seen[-1])
+
+
+def pytorchcv_resnet_to_torchvision(sd, model):
+    """pytorchcv's ImageNet ResNet-18/50 keys (features.stageS.unitU.body.convK.{conv,bn}) to torchvision's. pytorchcv's
+    ResNet-50 strides its bottlenecks' first 1x1 conv (ResNet v1), torchvision's the 3x3 (v1.5): the strides of
+    `model` are moved to where pytorchcv has them, so that it computes what the papers' teacher computes."""
+    out = {}
+    for k, v in sd.items():
+        n = k.replace("features.init_block.conv.conv.", "conv1.").replace("features.init_block.conv.bn.", "bn1.")
+        if n.startswith("features.stage"):
+            parts = n.split(".")
+            s, u = int(parts[1][5:]), int(parts[2][4:]) - 1
+            rest = ".".join(parts[3:])
+            for i in (1, 2, 3):
+                rest = rest.replace(f"body.conv{i}.conv.", f"conv{i}.").replace(f"body.conv{i}.bn.", f"bn{i}.")
+            rest = rest.replace("identity_conv.conv.", "downsample.0.").replace("identity_conv.bn.", "downsample.1.")
+            n = f"layer{s}.{u}.{rest}"
+        out[n.replace("output.", "fc.", 1) if n.startswith("output.") else n] = v
+    for m in model.modules():
+        if hasattr(m, "conv3") and m.conv2.stride != (1, 1):  # a strided bottleneck: stride the 1x1, as pytorchcv
+            m.conv1.stride, m.conv2.stride = m.conv2.stride, (1, 1)
+    return out
+
+
+def load_imagenet_teacher(spec, arch, cache_dir=None):
+    """torchvision's `arch` with 'torchvision' (IMAGENET1K_V1, downloaded into torch's hub cache as torchvision does),
+    'pytorchcv' (the papers' files) or a local state_dict. Returns (model, info) as load_teacher."""
+    model = imagenet_model(arch)
+    if spec == "torchvision":
+        url = IMAGENET_TEACHERS[("torchvision", arch)]
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        if not os.path.isfile(path):
+            if os.environ.get("CLEANQD_OFFLINE"):
+                raise UserError(f"teacher {os.path.basename(url)} is not in {os.path.dirname(path)} and "
+                                "CLEANQD_OFFLINE is set; pass --teacher PATH")
+            try:
+                torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True)
+            except Exception as e:  # noqa: BLE001 - any network or hash failure is the same user-facing problem
+                raise UserError(f"could not download the teacher from {url} ({type(e).__name__}); offline, pass "
+                                f"--teacher PATH to a local copy of that file") from e
+        layout = "torchvision"
+    elif spec == "pytorchcv":
+        if ("pytorchcv", arch) not in IMAGENET_TEACHERS:
+            raise UserError(f"--teacher pytorchcv has no {arch} here (its layout differs from torchvision's); use "
+                            "'torchvision' or a path")
+        path = _download(*IMAGENET_TEACHERS[("pytorchcv", arch)],
+                         cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cleanqd"))
+        layout = "pytorchcv"
+    else:
+        path, layout = spec, "torchvision"
+        if not os.path.isfile(path):
+            raise UserError(f"--teacher {path}: no such file (use 'torchvision', 'pytorchcv' or a path to a .pth)")
+    sd = _read_state_dict(path)
+    if layout == "pytorchcv" or any(k.startswith("features.init_block") for k in sd):
+        sd, layout = pytorchcv_resnet_to_torchvision(sd, model), "pytorchcv"
+    load_weights_strict(model, sd, f"torchvision {arch} with 1000 classes")
+    return model.eval(), {"path": os.path.abspath(path), "layout": layout, "mean": IMAGENET_NORM[0],
+                          "std": IMAGENET_NORM[1], "arch": arch}
+
+
 def eval_normalisation(args, info):
     """The (mean, std) used to evaluate: the teacher's own (default) or the GDFQ-family dataset statistics."""
-    if args.eval_norm == "dataset":
+    if args.eval_norm == "dataset" and args.dataset != "imagenet":
         return NORMS[f"dataset-{args.dataset}"]
     return info["mean"], info["std"]
 
@@ -594,9 +800,9 @@ class QuantReLU(nn.Module):
     reference code's EMA instead: it divides the whole running value by (1 - 0.9^t) at every update t, which
     inflates the range for the first ~150 updates (x100 to x4000 for updates 5-50) before it settles."""
 
-    def __init__(self, abits, momentum=0.9, ema="plain"):
+    def __init__(self, abits, momentum=0.9, ema="plain", six=False):
         super().__init__()
-        self.abits, self.momentum, self.calibrating, self.ema = abits, momentum, True, ema
+        self.abits, self.momentum, self.calibrating, self.ema, self.six = abits, momentum, True, ema, six
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
@@ -604,7 +810,8 @@ class QuantReLU(nn.Module):
             self.register_buffer("beta_t", torch.ones(()))  # momentum^t after t updates
 
     def forward(self, x):
-        x = F.relu(full_precision(x))  # the quantizer runs in float32 (a bf16 input under --amp bf16 is cast up)
+        x = full_precision(x)  # the quantizer runs in float32 (a bf16 input under --amp bf16 is cast up)
+        x = F.relu6(x) if self.six else F.relu(x)  # six: in a ReLU6's place (MobileNetV2)
         if self.calibrating:
             with torch.no_grad():
                 lo, hi = x.detach().aminmax()
@@ -624,11 +831,11 @@ class QuantReLU(nn.Module):
         s, z = scale_zero(self.lo, self.hi, self.abits)
         return {"relu": True, "offset": 0.0, "step": 1.0 / s.item(), "zero": -int(z), "rounding": "nearest",
                 "qmin": -(2 ** (self.abits - 1)), "qmax": 2 ** (self.abits - 1) - 1, "out_step": 1.0 / s.item(),
-                "out_zero": -int(z), "bits": self.abits,
+                "out_zero": -int(z), "bits": self.abits, **({"clip": 6.0} if self.six else {}),
                 "quantizer": "zeroq: asymmetric per tensor, calibrated range (fixed)"}
 
     def extra_repr(self):
-        return f"abits={self.abits}, momentum={self.momentum}, ema={self.ema}"
+        return f"abits={self.abits}, momentum={self.momentum}, ema={self.ema}" + (", relu6" if self.six else "")
 
 
 def swap_modules(model, fn):
@@ -643,10 +850,11 @@ def swap_modules(model, fn):
 
 
 def quantize_model(model, wbits, abits, act_ema="plain"):
-    """A quantized copy of `model`: every Conv2d/Linear becomes QConv2d/QLinear at `wbits` (same float weights)
-    and every ReLU a QuantReLU at `abits` (19 in ResNet-20) whose range calibrates with `act_ema`. BN stays float
-    and unfused. The copy is on the model's device, in channels_last memory format (faster convolutions on CPU and
-    GPU)."""
+    """A quantized copy of `model`: every Conv2d/Linear becomes QConv2d/QLinear at `wbits` (same float weights; the
+    first and last layers too, as the GDFQ family's references) and every ReLU / ReLU6 a QuantReLU at `abits` (19 in
+    ResNet-20) whose range calibrates with `act_ema`. BN stays float and unfused. Any classifier built from these
+    modules works (torchvision's ResNets and MobileNetV2 included). The copy is on the model's device, in
+    channels_last memory format (faster convolutions on CPU and GPU)."""
     import copy
 
     def swap(child):
@@ -655,8 +863,8 @@ def quantize_model(model, wbits, abits, act_ema="plain"):
                           child.padding, child.dilation, child.groups, child.bias is not None)
         elif isinstance(child, nn.Linear):
             new = QLinear(child.in_features, child.out_features, child.bias is not None)
-        elif isinstance(child, nn.ReLU):
-            return QuantReLU(abits, ema=act_ema)
+        elif isinstance(child, (nn.ReLU, nn.ReLU6)):
+            return QuantReLU(abits, ema=act_ema, six=isinstance(child, nn.ReLU6))
         else:
             return None
         new.load_state_dict(child.state_dict())
@@ -766,17 +974,93 @@ def train_batches(x_uint8, batch_size, mean, std, device, augment_images=True, l
 @torch.no_grad()
 def evaluate(model, x, y, batch_size=100):
     """Top-1 accuracy (percent) of model on normalised images x (already on the model's device)."""
+    return evaluate_batches(model, ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)),
+                            x.device)
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches, device):
+    """Top-1 accuracy (percent) of model on (normalised images, labels) batches, moved to `device`."""
     was_training = model.training
     calib = [m for m in model.modules() if isinstance(m, QuantReLU) and m.calibrating]
     set_calibrating(model, False)  # evaluation never moves the activation ranges
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    for i in range(0, len(x), batch_size):
-        correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()
+    correct, n = torch.zeros((), dtype=torch.long, device=device), 0
+    for x, y in batches:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        correct += (model(x).argmax(1) == y.to(device, non_blocking=True)).sum()
+        n += len(y)
     model.train(was_training)
     for m in calib:
         m.calibrating = True
-    return 100.0 * correct.item() / len(x)
+    return 100.0 * correct.item() / max(n, 1)
+
+
+def imagenet_wnids():
+    """The 1000 ImageNet-1k class folder names (WordNet ids), sorted: class i is the i-th (torchvision's ImageFolder
+    order of the full validation set, the order of every ImageNet classifier's outputs)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_wnids.txt")) as f:
+        return f.read().split()
+
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+
+
+def imagenet_val_files(data_dir):
+    """[(path, label)] of DATA_DIR/val/<wnid>/<image>, labels by the standard sorted-wnid index (a folder holding
+    only some classes keeps the full set's labels)."""
+    root = os.path.join(data_dir, "val")
+    if not os.path.isdir(root):
+        raise UserError(f"no ImageNet validation set in {os.path.abspath(root)}: expected val/<wnid>/*.JPEG (the "
+                        "usual folder layout, one folder per class; ImageNet is not downloadable without an "
+                        "image-net.org account); pass --data-dir")
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    unknown = [d for d in folders if d not in index]
+    if unknown:
+        raise UserError(f"{root} has folders that are not ImageNet-1k class ids (wnids such as n01440764): "
+                        f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+    files = [(os.path.join(root, d, f), index[d]) for d in folders for f in sorted(os.listdir(os.path.join(root, d)))
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise UserError(f"{root} holds no images (expected val/<wnid>/*.JPEG)")
+    return files
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, files, mean, std):
+        from torchvision import transforms
+        self.files = files
+        self.transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                             transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, label = self.files[i]
+        try:
+            with Image.open(path) as im:
+                return self.transform(im.convert("RGB")), label
+        except OSError as e:
+            raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e})") from e
+
+
+class ImageNetEval:
+    """The ImageNet validation set, decoded by `--workers` processes per evaluation (resize 256, centre crop 224,
+    mean/std): the interface of EvalData."""
+
+    def __init__(self, args, info):
+        self.files = imagenet_val_files(args.data_dir)
+        self.mean, self.std = info["mean"], info["std"]
+        self.y = torch.tensor([label for _, label in self.files])
+        self.device, self.workers = torch.device(args.device), args.workers
+
+    def top1(self, model):
+        loader = torch.utils.data.DataLoader(_ImageFiles(self.files, self.mean, self.std), batch_size=100,
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        return evaluate_batches(model, loader, self.device)
 
 
 class EvalData:
@@ -899,7 +1183,8 @@ class Run:
         if args.resume:
             self.dir = args.resume
         else:
-            name = args.run_name or (f"{args.dataset}__{args.method}__w{args.wbits}a{args.abits}__seed{args.seed}"
+            dataset = f"imagenet-{args.arch}" if args.dataset == "imagenet" else args.dataset
+            name = args.run_name or (f"{dataset}__{args.method}__w{args.wbits}a{args.abits}__seed{args.seed}"
                                      f"__{time.strftime('%Y%m%d-%H%M%S')}")
             self.dir = os.path.join(args.out_dir, name)
             if os.path.exists(os.path.join(self.dir, "args.json")):
@@ -1007,7 +1292,8 @@ def load_quantized(path, device="cpu"):
     The file is read with weights_only=True (no code runs); the student is built by the script that trained it
     (its build_student(args, teacher_shaped_model)), then its saved state is loaded."""
     blob = load_weights_only(path, "saved student (model.pt)")
-    template = CifarResNet(blob["depth"], blob["num_classes"])
+    template = imagenet_model(blob["arch"], blob["num_classes"]) if blob.get("arch") else \
+        CifarResNet(blob["depth"], blob["num_classes"])
     if "script" in blob:
         module = import_script(blob["script"], blob.get("script_dir"))
         args = argparse.Namespace(**{**blob["args"], "device": str(device)})
@@ -1028,10 +1314,11 @@ def load_run_student(run_dir, device="cpu"):
         raise UserError(f"{run_dir} holds neither model.pt nor checkpoint.pt + args.json: is it a run directory?")
     with open(args_path) as f:
         args = argparse.Namespace(**{**json.load(f), "device": str(device)})
-    _, info = load_teacher(args.teacher, args.dataset, args.teacher_depth)
+    _, info = load_teacher(args.teacher, args.dataset, args.teacher_depth, arch=getattr(args, "arch", None))
     state = load_weights_only(ckpt, "checkpoint")["student"]
     blocks = {k.split(".")[1] for k in state if k.startswith("layer1.")}  # the student's depth, from its own weights
-    model = import_script(args.method).build_student(args, CifarResNet(6 * len(blocks) + 2, NUM_CLASSES[args.dataset]))
+    template = build_model(args.dataset, getattr(args, "arch", None), 6 * len(blocks) + 2)
+    model = import_script(args.method).build_student(args, template)
     mean, std = eval_normalisation(args, info)
     return _load_student_state(model, state, device), mean, std
 
@@ -1054,10 +1341,10 @@ def setup(args, evaluate_only=False):
     evaluate the teacher (a resumed run reads the figure from its checkpoint). evaluate_only (a script's `--epochs 0`)
     ends here with a summary. Returns (teacher, info, test, run, teacher_top1)."""
     seed_everything(args.seed, args.deterministic)
-    teacher, info = load_teacher(args.teacher, args.dataset, args.teacher_depth)
+    teacher, info = load_teacher(args.teacher, args.dataset, args.teacher_depth, arch=getattr(args, "arch", None))
     teacher = teacher.to(args.device, memory_format=torch.channels_last).requires_grad_(False)
-    test = EvalData(args, info)
-    print(f"teacher: {info['layout']} ResNet-{args.teacher_depth} from {info['path']}")
+    test = (ImageNetEval if args.dataset == "imagenet" else EvalData)(args, info)
+    print(f"teacher: {info['layout']} {info.get('arch') or f'ResNet-{args.teacher_depth}'} from {info['path']}")
     print(f"evaluation normalisation ({args.eval_norm}): mean {test.mean} std {test.std}")
     run = Run(args)
     with open(info["path"], "rb") as f:
@@ -1293,10 +1580,12 @@ class Progress:
             script = main_script()
             self.run.save_model(student, {"script": method_name(script), "script_dir": os.path.dirname(
                 os.path.abspath(script)), "args": {k: v for k, v in vars(a).items() if k != "provenance"},
-                "depth": depth, "num_classes": num_classes, "wbits": a.wbits, "abits": a.abits,
+                "depth": depth, "arch": getattr(a, "arch", None), "num_classes": num_classes, "wbits": a.wbits,
+                "abits": a.abits,
                 "mean": list(self.test.mean), "std": list(self.test.std)})
         wall = time.time() - self.t_start
-        protocol = {**(protocol or {}), "dataset": a.dataset, "test_split": f"{a.dataset} test, {len(self.test.y)} "
+        split = "val" if a.dataset == "imagenet" else "test"
+        protocol = {**(protocol or {}), "dataset": a.dataset, "test_split": f"{a.dataset} {split}, {len(self.test.y)} "
                     f"images", "wbits": a.wbits, "abits": a.abits, "teacher_sha256": self.run.teacher_sha256,
                     "teacher_top1": self.teacher_top1, "eval_norm": a.eval_norm,
                     **({"precision": "bf16 autocast"} if getattr(a, "amp", "off") == "bf16" else {})}
@@ -1325,11 +1614,15 @@ def lr_milestones(epochs, warmup_epochs, fractions, frm):
     return milestones
 
 
-def check_warmup(epochs, warmup_epochs):
-    """The generator methods' activation ranges calibrate during the warm-up only: refuse a schedule under which the
-    student would train on uncalibrated ranges, and say so when it would never train."""
+def check_warmup(epochs, warmup_epochs, calib_epochs=None):
+    """The generator methods' activation ranges calibrate during the warm-up only (its first `calib_epochs`, if given):
+    refuse a schedule under which the student would train on uncalibrated ranges, and say so when it would never
+    train."""
     if epochs == 0:
         return  # evaluate the teacher only
+    if calib_epochs is not None and not 1 <= calib_epochs <= warmup_epochs:
+        die(f"--calib-epochs {calib_epochs}: the activation ranges calibrate in the first epochs of the warm-up "
+            f"(--warmup-epochs {warmup_epochs}); use 1 to {warmup_epochs}")
     if warmup_epochs < 1:
         die(f"--warmup-epochs {warmup_epochs}: the activation ranges calibrate during the warm-up only, so with none "
             "the student trains on uncalibrated ranges (chance level); use at least 1")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
+from common import (ArgumentParser, NUM_CLASSES, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
                     check_warmup, full_precision, lr_milestones, method_name, parse_args, quantize_model,
                     set_calibrating, set_lr, setup)
 
@@ -26,6 +26,10 @@ GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6
                   "cifar10 W5A5": [93.38, "GDFQ paper"], "cifar100 W3A3": [47.61, "GDFQ re-run by AdaDFQ"],
                   "cifar100 W4A4": [63.39, "GDFQ paper"], "cifar100 W5A5": [66.12, "GDFQ paper"]}}
 
+# The ImageNet recipe (reference: imagenet_resnet18.hocon, main.py), the defaults of the flags not given with
+# --dataset imagenet; every other flag keeps its CIFAR default, as the reference's does
+IMAGENET = {"batch_size": 16, "warmup_epochs": 50, "calib_epochs": 4, "lr_s": 1e-6}
+
 
 def variant(args):
     """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
@@ -34,11 +38,14 @@ def variant(args):
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, METHOD)
+    add_common_args(p, METHOD, datasets=("cifar10", "cifar100", "imagenet"))
     p.add_argument("--epochs", type=at_least(0), default=400,
                    help="total epochs, warm-up included (0: evaluate the teacher)")
     p.add_argument("--warmup-epochs", type=int, default=4,
                    help="epochs in which only the generator trains and the activation ranges calibrate")
+    p.add_argument("--calib-epochs", type=int, default=None,
+                   help="the first epochs, within the warm-up, in which the activation ranges calibrate (default: the "
+                        "whole warm-up; the reference calibrates in epochs 1-4 whatever its warm-up)")
     p.add_argument("--iters-per-epoch", type=at_least(1), default=200, help="iterations per epoch")
     p.add_argument("--batch-size", type=at_least(1), default=200, help="generated images per iteration")
     p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD, Nesterov)")
@@ -60,8 +67,10 @@ def parse(argv=None):
     p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
                    help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
                         "bias-corrected one, which inflates the ranges for the first ~150 updates")
-    args = parse_args(p, argv)
-    check_warmup(args.epochs, args.warmup_epochs)
+    args = parse_args(p, argv, dataset_defaults={"imagenet": IMAGENET})
+    if args.calib_epochs is None or args.calib_epochs > args.warmup_epochs > 0:  # a shorter warm-up bounds it
+        args.calib_epochs = args.warmup_epochs
+    check_warmup(args.epochs, args.warmup_epochs, args.calib_epochs)
     return args
 
 
@@ -88,6 +97,36 @@ class Generator(nn.Module):
     def forward(self, z, y):
         h = self.l1(self.label_emb(y) * z).view(-1, 128, self.init_size, self.init_size)
         return self.block2(self.block1(self.bn0(h)))
+
+# ALGO LOGIC: the ImageNet generator (the reference's Generator_imagenet): the label enters through class-conditional
+# BatchNorms (a per-class scale and shift on an affine-free BN) instead of multiplying the noise; 224x224 images
+class ConditionalBatchNorm2d(nn.BatchNorm2d):
+    def __init__(self, num_classes, channels, eps=1e-5):
+        super().__init__(channels, eps, affine=False)
+        self.weights, self.biases = nn.Embedding(num_classes, channels), nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.weights.weight)
+        nn.init.zeros_(self.biases.weight)
+
+    def forward(self, x, y):
+        return super().forward(x) * self.weights(y)[:, :, None, None] + self.biases(y)[:, :, None, None]
+
+
+class GeneratorImageNet(nn.Module):
+    def __init__(self, num_classes, latent_dim=100, img_size=224):
+        super().__init__()
+        self.init_size = img_size // 4
+        self.l1 = nn.Linear(latent_dim, 128 * self.init_size ** 2)
+        self.bn0 = ConditionalBatchNorm2d(num_classes, 128)
+        self.conv1, self.bn1 = UpsampleConv3x3(128, 128), ConditionalBatchNorm2d(num_classes, 128, 0.8)  # eps 0.8
+        self.conv2, self.bn2 = UpsampleConv3x3(128, 64), ConditionalBatchNorm2d(num_classes, 64, 0.8)
+        self.conv3, self.bn3 = nn.Conv2d(64, 3, 3, 1, 1), nn.BatchNorm2d(3, affine=False)
+
+    def forward(self, z, y):
+        h = self.bn0(self.l1(z).view(-1, 128, self.init_size, self.init_size), y)
+        h = F.leaky_relu(self.bn1(self.conv1(h), y), 0.2)
+        h = F.leaky_relu(self.bn2(self.conv2(h), y), 0.2)
+        return self.bn3(torch.tanh(self.conv3(h)))
+
 
 
 # ALGO LOGIC: BNS loss. Hooks on every teacher BN read the BN input's batch mean/variance.
@@ -131,7 +170,8 @@ if __name__ == "__main__":
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
     student = build_student(args, teacher)
-    generator = Generator(num_classes, args.latent_dim).to(device).train()
+    generator = (GeneratorImageNet if args.dataset == "imagenet" else Generator)(
+        num_classes, args.latent_dim).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
@@ -143,7 +183,7 @@ if __name__ == "__main__":
 
     for epoch in range(progress.start_epoch, args.epochs):
         warmup = epoch < args.warmup_epochs
-        set_calibrating(student, warmup)  # activation ranges follow the generated data during warm-up only
+        set_calibrating(student, epoch < args.calib_epochs)  # ranges follow the generated data in the warm-up only
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
@@ -180,7 +220,7 @@ if __name__ == "__main__":
 
         progress.end_epoch(epoch, student, {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor},
                            args.iters_per_epoch * args.batch_size, warmup,
-                           calibration_done=epoch == args.warmup_epochs - 1)
+                           calibration_done=epoch == args.calib_epochs - 1)
 
     progress.finish(student, args.teacher_depth, num_classes, {  # what makes this run's cell comparable
         "quantizer": "zeroq: weights per output channel (min/max), activations per tensor (calibrated in the warm-up, "

@@ -14,15 +14,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
-                    check_warmup, full_precision, lr_milestones, method_name, parse_args, quantize_model,
-                    set_calibrating, set_lr, setup)
+from common import (ArgumentParser, NUM_CLASSES, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
+                    check_warmup, classifier, full_precision, logits_and_pooled, lr_milestones, method_name,
+                    parse_args, quantize_model, set_calibrating, set_lr, setup)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
 GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2023,
         "paper_for": "lrq",  # the published numbers below are lrq's: a renamed copy shows none of them
         "note": "our reading of the abstract; no LRQ number exists"}
+
+# The ImageNet recipe (our reading: LRQ publishes no code, so GDFQ's imagenet_resnet18.hocon), the defaults of the
+# flags not given with --dataset imagenet; every other flag keeps its CIFAR default
+IMAGENET = {"batch_size": 16, "warmup_epochs": 50, "calib_epochs": 4, "lr_s": 1e-6}
 
 
 def variant(args):
@@ -38,11 +42,14 @@ def variant(args):
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, METHOD)
+    add_common_args(p, METHOD, datasets=("cifar10", "cifar100", "imagenet"))
     p.add_argument("--epochs", type=at_least(0), default=400,
                    help="total epochs, warm-up included (0: evaluate the teacher)")
     p.add_argument("--warmup-epochs", type=int, default=4,
                    help="epochs in which only the generator trains and the activation ranges calibrate")
+    p.add_argument("--calib-epochs", type=int, default=None,
+                   help="the first epochs, within the warm-up, in which the activation ranges calibrate (default: the "
+                        "whole warm-up; the reference calibrates in epochs 1-4 whatever its warm-up)")
     p.add_argument("--iters-per-epoch", type=at_least(1), default=200, help="iterations per epoch")
     p.add_argument("--batch-size", type=at_least(1), default=200, help="generated images per iteration")
     p.add_argument("--lr-s", type=float, default=1e-4, help="student learning rate (SGD, Nesterov)")
@@ -73,8 +80,10 @@ def parse(argv=None):
     p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
                    help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
                         "bias-corrected one, which inflates the ranges for the first ~150 updates")
-    args = parse_args(p, argv)
-    check_warmup(args.epochs, args.warmup_epochs)
+    args = parse_args(p, argv, dataset_defaults={"imagenet": IMAGENET})
+    if args.calib_epochs is None or args.calib_epochs > args.warmup_epochs > 0:  # a shorter warm-up bounds it
+        args.calib_epochs = args.warmup_epochs
+    check_warmup(args.epochs, args.warmup_epochs, args.calib_epochs)
     return args
 
 
@@ -212,7 +221,8 @@ if __name__ == "__main__":
     device, num_classes = torch.device(args.device), NUM_CLASSES[args.dataset]
 
     student = build_student(args, teacher)
-    generator = Generator(num_classes, args.latent_dim, lka=not args.no_lka).to(device).train()
+    generator = Generator(num_classes, args.latent_dim, 224 if args.dataset == "imagenet" else 32,  # ImageNet: 224x224
+                          lka=not args.no_lka).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
@@ -224,7 +234,7 @@ if __name__ == "__main__":
 
     for epoch in range(progress.start_epoch, args.epochs):
         warmup = epoch < args.warmup_epochs
-        set_calibrating(student, warmup)
+        set_calibrating(student, epoch < args.calib_epochs)
         factor = 0.1 ** sum(epoch >= m for m in milestones)
         set_lr(opt_g, args.lr_g * factor)
         set_lr(opt_s, args.lr_s * factor)
@@ -239,9 +249,9 @@ if __name__ == "__main__":
             # ALGO LOGIC: generator step: CE on margin logits (AMA) + 0.1 * BNS
             x = generator(z, y)
             bns_loss.active = True
-            t_logits, t_feats = teacher.forward_features(x)
+            t_logits, t_pool = logits_and_pooled(teacher, x)
             bns_loss.active = False
-            ce_g = F.cross_entropy(margin_logits(t_logits, t_feats["pool"], teacher.fc, y, args.ama_margin), y)
+            ce_g = F.cross_entropy(margin_logits(t_logits, t_pool, classifier(teacher), y, args.ama_margin), y)
             bns = bns_loss()
             loss_g = ce_g + args.bns_weight * bns
             opt_g.zero_grad(set_to_none=True)
@@ -270,7 +280,7 @@ if __name__ == "__main__":
 
         charts = {"lr_S": args.lr_s * factor, "lr_G": args.lr_g * factor, "dkd_ramp": ramp}
         progress.end_epoch(epoch, student, charts, args.iters_per_epoch * args.batch_size, warmup,
-                           calibration_done=epoch == args.warmup_epochs - 1)
+                           calibration_done=epoch == args.calib_epochs - 1)
 
     progress.finish(student, args.teacher_depth, num_classes, {  # what makes this run's cell comparable
         "quantizer": "zeroq: weights per output channel (min/max), activations per tensor (calibrated in the warm-up, "

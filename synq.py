@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (NUM_CLASSES, ArgumentParser, BasicBlock, Progress, UpsampleConv3x3, UserError, accelerate,
-                    add_common_args, at_least, check_warmup, describe_interrupt, fmt_time, full_precision,
-                    load_weights_only, lr_milestones, method_name, parse_args, quantize_model, rng_state,
+from common import (ArgumentParser, NUM_CLASSES, Progress, UpsampleConv3x3, UserError, accelerate, add_common_args,
+                    at_least, check_warmup, describe_interrupt, fmt_time, full_precision, load_weights_only,
+                    lr_milestones, method_name, parse_args, quantize_model, residual_branches, rng_state,
                     set_calibrating, set_lr, set_rng_state, setup)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
@@ -34,6 +34,10 @@ GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6
         "budget_args": {"short": "--num-images 512 --syn-batch 256 --syn-iters 200",
                         "smoke": "--num-images 16 --syn-batch 8 --syn-iters 2"}}
 
+# The ImageNet recipe (reference: config/imagenet_3bit.hocon, run_imagenet.sh, distill_data.py), the defaults of the
+# flags not given with --dataset imagenet; every other flag keeps its CIFAR default, which is the reference's too
+IMAGENET = {"batch_size": 4, "epochs": 101, "milestones": [100 / 101], "syn_aug": 0.5, "fa_pert": 1}
+
 
 def variant(args):
     """The grid's label of a run (its args.json as a dict): flags that change the algorithm make a variant."""
@@ -43,7 +47,7 @@ def variant(args):
 
 def parse(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    add_common_args(p, METHOD)
+    add_common_args(p, METHOD, datasets=("cifar10", "cifar100", "imagenet"))
     # stage 1: the synthetic images (ZeroQ/HAST style, the release's CIFAR-100 script)
     p.add_argument("--num-images", type=at_least(1), default=5120, help="synthetic images (paper: 5,120)")
     p.add_argument("--syn-batch", type=at_least(1), default=256, help="images optimised together (paper: 256)")
@@ -51,6 +55,9 @@ def parse(argv=None):
     p.add_argument("--syn-lr", type=float, default=0.5, help="Adam lr on the pixels (reduced on plateau)")
     p.add_argument("--syn-beta", type=float, default=0.1, help="weight of the hard-sample CE in the synthesis loss")
     p.add_argument("--syn-gamma", type=float, default=0.5, help="hard-sample focus: CE weighted by (1 - p)^gamma")
+    p.add_argument("--syn-aug", type=float, default=0.0,
+                   help="probability, per synthesis step, that the teacher sees the batch randomly resized-cropped "
+                        "(scale 0.4-1) and flipped instead of as it is (the reference's ImageNet synthesis)")
     p.add_argument("--synthetic", default=None, metavar="PATH",
                    help="the synthetic set's file: used if finished, continued if cut short, made there if absent "
                         "(one set can serve several runs, as the paper's; default: RUN_DIR/synthetic.pt)")
@@ -79,6 +86,8 @@ def parse(argv=None):
                                                                    "branch (0: off)")
     p.add_argument("--lambda-pert", type=float, default=1.0,
                    help="losses on the sign-gradient perturbed batch (0: off)")
+    p.add_argument("--fa-pert", type=int, default=0, choices=[0, 1],
+                   help="1: the FA term on the perturbed batch too (the reference does so on ImageNet only)")
     p.add_argument("--eps", type=float, default=0.01, help="perturbation step (on the normalised images)")
     p.add_argument("--d-zero", type=float, default=80.0, help="low-pass filter cut-off D0 in frequency bins (0: no "
                                                               "filter)")
@@ -86,7 +95,7 @@ def parse(argv=None):
     p.add_argument("--act-ema", default="plain", choices=["plain", "reference"],
                    help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
                         "bias-corrected one, which inflates the ranges for the first ~150 updates")
-    args = parse_args(p, argv)
+    args = parse_args(p, argv, dataset_defaults={"imagenet": IMAGENET})
     check_warmup(args.epochs, args.warmup_epochs)
     return args
 
@@ -118,9 +127,11 @@ class BNStats:
 
 
 # ALGO LOGIC: stage 1, the synthetic images (one batch: Gaussian pixels optimised against the teacher)
-def synthesize_batch(teacher, bn_stats, n, iters, lr, beta, gamma, num_classes, device, batches_left=None):
-    """One batch of n images; with `batches_left`, a first ETA after a few steps (a batch can take minutes)."""
-    x = torch.randn(n, 3, 32, 32, device=device).requires_grad_(True)
+def synthesize_batch(teacher, bn_stats, n, iters, lr, beta, gamma, num_classes, device, batches_left=None,
+                     size=32, aug=0.0):
+    """One batch of n size x size images; with `batches_left`, a first ETA after a few steps (a batch can take
+    minutes). `aug`: the probability per step that the teacher sees them randomly resized-cropped and flipped."""
+    x = torch.randn(n, 3, size, size, device=device).requires_grad_(True)
     y = torch.randint(0, num_classes, (n,), device=device)
     opt = torch.optim.Adam([x], lr=lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, min_lr=1e-4, patience=50)
@@ -131,8 +142,12 @@ def synthesize_batch(teacher, bn_stats, n, iters, lr, beta, gamma, num_classes, 
             per = (time.time() - t1) / 3
             print(f"synthesis: {per:.3g} s/step over steps 2-4: about {fmt_time(per * iters)} a batch, ETA of the "
                   f"synthesis {fmt_time(per * iters * batches_left)}", flush=True)
+        x_in = x
+        if aug and torch.rand(()).item() < aug:  # ImageNet: crops (scale 0.4-1) and flips, through which x learns
+            x_in = random_resized_crop(x, scale=(0.4, 1.0))
+            x_in = torch.where((torch.rand(n, device=device) < 0.5)[:, None, None, None], x_in.flip(3), x_in)
         bn_stats.active = True
-        logits = teacher(x)
+        logits = teacher(x_in)
         bn_stats.active = False
         mean_l, var_l = bn_stats()
         p = F.softmax(logits, 1).gather(1, y[:, None])[:, 0]
@@ -160,6 +175,9 @@ def synthesize(args, teacher, path, device, num_classes, teacher_sha256=None):
     random state stays its own."""
     bn_stats, nb = BNStats(teacher), math.ceil(args.num_images / args.syn_batch)
     made_with = {**{k: getattr(args, k) for k in SYNTHESIS_FLAGS}, "teacher_sha256": teacher_sha256}
+    if args.dataset == "imagenet":
+        made_with.update(arch=args.arch, syn_aug=args.syn_aug)
+    size = 224 if args.dataset == "imagenet" else 32
     cache = {"images": [], "labels": [], "made_with": made_with, "seed": args.seed}
     if os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise UserError(f"--synthetic {path}: give a file in an existing folder")
@@ -184,7 +202,7 @@ def synthesize(args, teacher, path, device, num_classes, teacher_sha256=None):
         t0 = time.time()
         x, y, loss, acc = synthesize_batch(teacher, bn_stats, n, args.syn_iters, args.syn_lr, args.syn_beta,
                                            args.syn_gamma, num_classes, device,
-                                           nb - b if b == len(cache["images"]) else None)
+                                           nb - b if b == len(cache["images"]) else None, size, args.syn_aug)
         cache["images"].append(x.cpu())  # float32, as the reference pickles it (5,120 images: 63 MB)
         cache["labels"].append(y.cpu())
         cache["rng"] = rng_state()
@@ -212,6 +230,36 @@ class Generator(nn.Module):
     def forward(self, z, y):
         h = self.l1(self.label_emb(y) * z).view(-1, 128, self.init_size, self.init_size)
         return self.block2(self.block1(self.bn0(h)))
+
+# ALGO LOGIC: the ImageNet generator (the reference's Generator_imagenet): the label enters through class-conditional
+# BatchNorms (a per-class scale and shift on an affine-free BN) instead of multiplying the noise; 224x224 images
+class ConditionalBatchNorm2d(nn.BatchNorm2d):
+    def __init__(self, num_classes, channels, eps=1e-5):
+        super().__init__(channels, eps, affine=False)
+        self.weights, self.biases = nn.Embedding(num_classes, channels), nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.weights.weight)
+        nn.init.zeros_(self.biases.weight)
+
+    def forward(self, x, y):
+        return super().forward(x) * self.weights(y)[:, :, None, None] + self.biases(y)[:, :, None, None]
+
+
+class GeneratorImageNet(nn.Module):
+    def __init__(self, num_classes, latent_dim=100, img_size=224):
+        super().__init__()
+        self.init_size = img_size // 4
+        self.l1 = nn.Linear(latent_dim, 128 * self.init_size ** 2)
+        self.bn0 = ConditionalBatchNorm2d(num_classes, 128)
+        self.conv1, self.bn1 = UpsampleConv3x3(128, 128), ConditionalBatchNorm2d(num_classes, 128, 0.8)  # eps 0.8
+        self.conv2, self.bn2 = UpsampleConv3x3(128, 64), ConditionalBatchNorm2d(num_classes, 64, 0.8)
+        self.conv3, self.bn3 = nn.Conv2d(64, 3, 3, 1, 1), nn.BatchNorm2d(3, affine=False)
+
+    def forward(self, z, y):
+        h = self.bn0(self.l1(z).view(-1, 128, self.init_size, self.init_size), y)
+        h = F.leaky_relu(self.bn1(self.conv1(h), y), 0.2)
+        h = F.leaky_relu(self.bn2(self.conv2(h), y), 0.2)
+        return self.bn3(torch.tanh(self.conv3(h)))
+
 
 
 # ALGO LOGIC: fine-tuning data: random resized crop (scale 0.5-1, ratio 3/4-4/3) + flip, then the low-pass filter
@@ -253,9 +301,8 @@ def low_pass(x, d_zero):
 class Taps:
     def __init__(self, model):
         self.branches, self.last, self.active = [], None, False
-        for m in model.modules():
-            if isinstance(m, BasicBlock):
-                m.bn2.register_forward_hook(self._branch)
+        for m in residual_branches(model):  # common.py: the last BN of each residual block
+            m.register_forward_hook(self._branch)
         [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1].register_forward_hook(self._last)
 
     def _branch(self, module, inputs, output):
@@ -324,10 +371,12 @@ def finetune_losses(args, student, teacher, s_taps, t_taps, x, y):
     # the perturbation: one sign-gradient step on the images, through student and teacher (as the reference)
     x_p = (x + args.eps * torch.sign(torch.autograd.grad(loss_s, x, retain_graph=True)[0])).detach()
     with torch.no_grad():
-        t_logits_p = teacher(x_p)
-    s_logits_p = student(x_p)
+        t_logits_p, t_branches_p, _ = t_taps(teacher, x_p)
+    s_logits_p, s_branches_p, _ = s_taps(student, x_p)
     loss_p = kd_loss(s_logits_p, t_logits_p, args.temperature, args.kd_alpha) + args.lambda_ce * easy_ce(
-        s_logits_p, y, easy)  # CIFAR: no FA term on the perturbed batch (the reference adds it on ImageNet only)
+        s_logits_p, y, easy)  # the FA term on the perturbed batch: --fa-pert 1 (the reference: on ImageNet only)
+    if args.fa_pert:
+        loss_p = loss_p + args.lambda_fa * fa_loss(s_branches_p, t_branches_p)
     cam = torch.zeros((), device=x.device)
     if args.lambda_cam:
         cam_t = grad_cam(t_logits, t_last, x.shape[-2:]).detach()
@@ -347,7 +396,8 @@ if __name__ == "__main__":
     order, pos = None, 0  # the synthetic set's order, drawn anew at every epoch's start and every pass
 
     student = build_student(args, teacher)
-    generator = Generator(num_classes, args.latent_dim).to(device).train()
+    generator = (GeneratorImageNet if args.dataset == "imagenet" else Generator)(
+        num_classes, args.latent_dim).to(device).train()
     bn_stats, s_taps, t_taps = BNStats(teacher), Taps(student), Taps(teacher)
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,

@@ -49,7 +49,8 @@ def collect(runs_dir):
         row = label(a)
         METHOD_OF[row] = a["method"]
         s["_dir"] = root  # where its metrics.jsonl lies (learning curves)
-        groups[(row, a["dataset"], a["wbits"], a["abits"], budget)].append(s)
+        dataset = f"imagenet {a.get('arch')}" if a["dataset"] == "imagenet" else a["dataset"]  # a cell per network
+        groups[(row, dataset, a["wbits"], a["abits"], budget)].append(s)
     return groups
 
 
