@@ -94,7 +94,8 @@ def export_npz(model, meta, path):
             bns[name] = {"eps": m.eps}
         elif hasattr(m, "export_act"):
             acts[name] = m.export_act()
-    meta = {**meta, "format": FORMAT, "graph": layer_names(model), "layers": layers, "acts": acts, "bns": bns}
+    graph = {"arch": meta["arch"]} if meta.get("arch") else layer_names(model)  # torchvision's: its own graph
+    meta = {**meta, "format": FORMAT, "graph": graph, "layers": layers, "acts": acts, "bns": bns}
     np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
     return arrays, meta
 
@@ -240,7 +241,7 @@ def torch_student(arrays, meta):
     import torch
     import torch.nn as nn
     sys.path.insert(0, ROOT)
-    from common import CifarResNet
+    from common import CifarResNet, imagenet_model
 
     class QDQ(nn.Module):
         def __init__(self, q):
@@ -250,6 +251,7 @@ def torch_student(arrays, meta):
         def forward(self, x):
             q = self.q
             x = torch.relu(x) if q["relu"] else x
+            x = x.clamp(max=q["clip"]) if "clip" in q else x  # in a ReLU6's place
             u = (x - q["offset"]) / q["step"]
             u = torch.ceil(u) if q["rounding"] == "ceil" else torch.round(u)
             return (u + q["zero"]).clamp(q["qmin"], q["qmax"]).sub(q["out_zero"]).mul(q["out_step"])
@@ -262,7 +264,8 @@ def torch_student(arrays, meta):
         def forward(self, x):
             return super().forward(x) * self.s
 
-    model = CifarResNet(meta["depth"], meta["num_classes"])
+    model = imagenet_model(meta["arch"], meta["num_classes"]) if meta.get("arch") else \
+        CifarResNet(meta["depth"], meta["num_classes"])
     state = {}
     for name, info in meta["layers"].items():
         w, mult = weight_of(arrays, name, info)
@@ -509,6 +512,7 @@ def main(argv=None):
         run_args = json.load(f)
     meta = {"method": run_args["method"], "dataset": run_args["dataset"], "wbits": run_args["wbits"],
             "abits": run_args["abits"], "num_classes": model.num_classes, "depth": model.depth,
+            "arch": getattr(model, "arch", None),
             "mean": list(mean), "std": list(std), "input": "images normalised with mean/std, [N,3,32,32] float"}
     npz = os.path.join(a.run_dir, "student_int.npz")
     try:
@@ -520,6 +524,19 @@ def main(argv=None):
           f"points, {sizes['float_layers']} B float layers) vs {sizes['float32_weights']} B float32; whole student "
           f"{sizes['int_model']} B vs {sizes['float32_model']} B")
     arrays, meta = load_npz(npz)  # everything below reads the file, as a deployment would
+    if meta.get("arch"):  # an ImageNet student: the file is checked by rebuilding the student from it alone
+        import torch
+        x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            diff = (torch_student(arrays, meta)(x) - model(x)).abs().max().item()
+        print(f"rebuilt the {meta['arch']} student from {npz} alone: max |logit diff| {diff:.2e} against the "
+              "fake-quantized one on 4 random images")
+        print(f"note: the numpy integer reference and the ONNX graph cover the CIFAR ResNet only: {meta['arch']} is "
+              "exported as student_int.npz (every integer code, scale and zero point)")
+        with open(os.path.join(a.run_dir, "export.json"), "w") as f:
+            json.dump({"run_dir": a.run_dir, "method": meta["method"], "arch": meta["arch"], "wbits": meta["wbits"],
+                       "abits": meta["abits"], "sizes": sizes, "npz_rebuild_max_abs_logit_diff": diff}, f, indent=1)
+        return
     report = {"run_dir": a.run_dir, "method": meta["method"], "wbits": meta["wbits"], "abits": meta["abits"],
               "sizes": sizes}
     onnx_path = os.path.join(a.run_dir, "student.onnx")
