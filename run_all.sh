@@ -20,6 +20,7 @@ ALL_METHODS=${ALL_METHODS# }
 
 BUDGET=short; JOBS=1; DATA_DIR=./data; TEACHER_DIR=""; TEACHER=""; OUT=results/runs; SEEDS="0 1 2"
 METHODS="$ALL_METHODS"; DATASETS="cifar10 cifar100"; BITS=""; DRY=0; REPORT_ONLY=0; EXTRA=""; LIST_ONLY=0; TASK=""
+ARCHS="resnet18 resnet50 mobilenet_v2"; IMAGENET_DIR=./data/imagenet
 SLURM=""; ORIG_ARGS=("$@")
 RESULTS=results
 
@@ -28,13 +29,17 @@ usage() {
 usage: ./run_all.sh [options]
   --budget paper|short|smoke  paper: each paper's recipe (GPU hours); short: 3-45 CPU minutes per run; smoke: seconds (default short)
   --methods "NAME ..."        methods (scripts declaring a GRID) to run (default: $METHODS)
-  --datasets "cifar10 ..."    datasets (default: $DATASETS)
+  --datasets "cifar10 ..."    datasets: cifar10, cifar100, imagenet (the zero-shot methods; one GPU per run) (default: $DATASETS)
+  --archs "resnet18 ..."      ImageNet networks, torchvision's (default: $ARCHS)
+  --imagenet-dir DIR          folder holding ImageNet's val/<wnid>/ folders (default $IMAGENET_DIR)
   --bits "3 4 5"              bit-widths W=A for every method (default: each method's own, from its GRID)
   --seeds "0 1 2"             seeds (default: $SEEDS)
   --jobs N                    runs at once; spread over the visible GPUs when there are any (default 1)
   --data-dir DIR              CIFAR folder passed to every run (default ./data)
-  --teacher NAME              'pytorchcv' or 'chenyaofo' (downloaded once), passed to every run (default: each script's)
-  --teacher-dir DIR           folder with {dataset}_resnet20*.pth teachers (local files; overrides --teacher)
+  --teacher NAME              'pytorchcv' or 'chenyaofo' (CIFAR), 'torchvision' or 'pytorchcv' (ImageNet), downloaded
+                              once, passed to every run (default: each script's)
+  --teacher-dir DIR           folder with {dataset}_resnet20*.pth / imagenet_{arch}*.pth teachers (local files;
+                              overrides --teacher)
   --out-dir DIR               where runs go, as DIR/BUDGET/NAME (default results/runs)
   --results-dir DIR           where RESULTS.md and accuracy_vs_bits.png go (default results)
   --extra "ARGS"              extra arguments for every run (e.g. "--device cpu")
@@ -53,6 +58,8 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET="$2"; shift 2;;
     --methods) METHODS="$2"; shift 2;;
     --datasets) DATASETS="$2"; shift 2;;
+    --archs) ARCHS="$2"; shift 2;;
+    --imagenet-dir) IMAGENET_DIR="$2"; shift 2;;
     --bits) BITS="$2"; shift 2;;
     --seeds) SEEDS="$2"; shift 2;;
     --jobs) JOBS="$2"; shift 2;;
@@ -99,11 +106,26 @@ trap 'rm -f "$LIST"' EXIT
 GRID=$(mktemp); trap 'rm -f "$LIST" "$GRID"' EXIT
 [ "$REPORT_ONLY" = 1 ] && DATASETS=""  # no runs: only the report below
 for ds in $DATASETS; do
+  case "$ds" in
+    cifar10|cifar100) cells="$ds";;
+    imagenet) cells=""; for a in $ARCHS; do
+                case "$a" in resnet18|resnet50|mobilenet_v2) cells="$cells imagenet-$a";;
+                  *) echo "error: unknown --archs entry $a (resnet18, resnet50, mobilenet_v2)" >&2; exit 2;; esac
+              done;;
+    *) echo "error: unknown dataset $ds (cifar10, cifar100, imagenet)" >&2; exit 2;;
+  esac
+  for cell in $cells; do
+  arch="${cell#imagenet-}"
+  if [ "$ds" = imagenet ]; then
+    data_arg="--data-dir $IMAGENET_DIR --arch $arch"; pattern="imagenet_${arch}*.pth"
+  else
+    data_arg="--data-dir $DATA_DIR"; pattern="${ds}_resnet20*.pth"
+  fi
   teacher_arg=""
   [ -n "$TEACHER" ] && teacher_arg="--teacher $TEACHER"
   if [ -n "$TEACHER_DIR" ]; then
-    t=$(ls "$TEACHER_DIR"/${ds}_resnet20*.pth 2>/dev/null | head -n 1)
-    [ -z "$t" ] && { echo "error: no ${ds}_resnet20*.pth in $TEACHER_DIR" >&2; exit 2; }
+    t=$(ls "$TEACHER_DIR"/$pattern 2>/dev/null | head -n 1)
+    [ -z "$t" ] && { echo "error: no $pattern in $TEACHER_DIR" >&2; exit 2; }
     teacher_arg="--teacher $t"
   fi
   for m in $METHODS; do
@@ -113,14 +135,27 @@ for ds in $DATASETS; do
       label-free) budget_args="$LABEL_FREE_ARGS";;
       *) echo "error: $m.py declares kind '${KIND[$m]}'; run_all.sh knows zero-shot and label-free" >&2; exit 2;;
     esac
+    if [ "$ds" = imagenet ]; then
+      # ImageNet: the zero-shot methods only (the label-free ones train on real images), each script's own ImageNet
+      # recipe (paper) or the smoke budget; the short budget is CIFAR's CPU budget
+      if [ "${KIND[$m]}" != zero-shot ]; then
+        [ "$LIST_ONLY" = 1 ] || echo "note: $m trains on real images: no ImageNet cell (zero-shot methods only)" >&2
+        continue
+      fi
+      if [ "$BUDGET" = short ]; then
+        [ "$LIST_ONLY" = 1 ] || echo "note: no short budget on ImageNet ($cell, $m skipped): --budget paper or smoke" >&2
+        continue
+      fi
+    fi
     budget_args="$budget_args ${METHOD_BUDGET_ARGS[$m]:-}"
     for b in ${BITS:-${DEFAULT_BITS[$m]}}; do
       [[ "${SUPPORTED_BITS[$m]}" == *" $b "* ]] || { [ "$LIST_ONLY" = 1 ] || echo "note: $m does not support W${b}A${b}; skipped" >&2; continue; }
       for s in $SEEDS; do
-        name="${ds}__${m}__w${b}a${b}__seed${s}"
-        echo "$name|python $m.py --dataset $ds --wbits $b --seed $s --data-dir $DATA_DIR $teacher_arg $budget_args --out-dir $DIR --run-name $name $EXTRA" >> "$GRID"
+        name="${cell}__${m}__w${b}a${b}__seed${s}"
+        echo "$name|python $m.py --dataset $ds --wbits $b --seed $s $data_arg $teacher_arg $budget_args --out-dir $DIR --run-name $name $EXTRA" >> "$GRID"
       done
     done
+  done
   done
 done
 N=$(wc -l < "$GRID")

@@ -157,3 +157,28 @@ def test_bad_imagenet_input_is_one_line(tiny_imagenet, tmp_path, case):
     r = run_script(args, cwd=ROOT)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr
+
+
+@pytest.mark.slow
+def test_run_all_runs_imagenet_cells_as_tasks_and_reports_them(tiny_imagenet, tmp_path):
+    """run_all.sh --datasets imagenet: one cell per network, zero-shot methods only; a task (what a Slurm array task
+    runs) runs one, and the report puts it in its own cell."""
+    import shutil
+    import subprocess
+    tdir = tmp_path / "teachers"
+    os.makedirs(tdir)
+    shutil.copy(tiny_imagenet / "resnet18.pth", tdir / "imagenet_resnet18_random.pth")
+    grid = ["--budget", "smoke", "--datasets", "imagenet", "--archs", "resnet18", "--methods", "gdfq faqd",
+            "--seeds", "0", "--bits", "4", "--imagenet-dir", str(tiny_imagenet), "--teacher-dir", str(tdir),
+            "--out-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res"), "--extra", "--workers 0"]
+    env = {**os.environ, "CLEANQD_OFFLINE": "1"}
+    listed = subprocess.run(["bash", "run_all.sh", *grid, "--list"], cwd=ROOT, capture_output=True, text=True, env=env)
+    lines = listed.stdout.strip().splitlines()
+    assert listed.returncode == 0 and len(lines) == 1 and "--dataset imagenet" in lines[0] and "--arch resnet18" in \
+        lines[0] and "imagenet_resnet18_random.pth" in lines[0] and "faqd" not in lines[0]
+    r = subprocess.run(["bash", "run_all.sh", *grid, "--task", "0"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "runs" / "smoke" / "imagenet-resnet18__gdfq__w4a4__seed0" / "summary.json").exists()
+    r = subprocess.run(["bash", "run_all.sh", *grid, "--report-only"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "| imagenet resnet18 | W4A4 | smoke |" in (tmp_path / "res" / "RESULTS.md").read_text()
