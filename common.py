@@ -248,12 +248,12 @@ def parse_args(p, argv=None, bits=(2, 8), dataset_defaults=None):
                     f"{_fmt_flag(saved[k])}; drop the flag, or start a new run (flags that may change on resume: "
                     + ", ".join("--" + f.replace("_", "-") for f in sorted(RESUME_MAY_CHANGE - {"resume"})) + ")")
         # this session's device, threads and --stop-after (given or default); --tensorboard can be switched on, not
-        # off; --eval-every and --data-dir as given, else as saved
+        # off; --eval-every, --data-dir and --workers as given, else as saved
         keep = {"device": args.device, "threads": args.threads, "stop_after": args.stop_after,
                 "tensorboard": args.tensorboard or saved.get("tensorboard", False),
                 "track": args.track or saved.get("track", False),
                 **{k: getattr(args, k) for k in ("wandb_project", "wandb_entity")},
-                **{k: given[k] for k in ("eval_every", "data_dir") if k in given}}
+                **{k: given[k] for k in ("eval_every", "data_dir", "workers") if k in given}}
         args = argparse.Namespace(**{**vars(args), **saved, **keep, "resume": args.resume})  # new flags: default
     if args.abits is None:
         args.abits = args.wbits

@@ -24,7 +24,8 @@ GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6
         "paper_for": "gdfq",  # the published numbers below are gdfq's: a renamed copy shows none of them
         "paper": {"cifar10 W3A3": [75.11, "GDFQ re-run by AdaDFQ"], "cifar10 W4A4": [90.25, "GDFQ paper"],
                   "cifar10 W5A5": [93.38, "GDFQ paper"], "cifar100 W3A3": [47.61, "GDFQ re-run by AdaDFQ"],
-                  "cifar100 W4A4": [63.39, "GDFQ paper"], "cifar100 W5A5": [66.12, "GDFQ paper"]}}
+                  "cifar100 W4A4": [63.39, "GDFQ paper"], "cifar100 W5A5": [66.12, "GDFQ paper"],
+                  "imagenet resnet18 W4A4": [60.60, "GDFQ README (pytorchcv ResNet-18 teacher, 71.47)"]}}
 
 # The ImageNet recipe (reference: imagenet_resnet18.hocon, main.py), the defaults of the flags not given with
 # --dataset imagenet; every other flag keeps its CIFAR default, as the reference's does

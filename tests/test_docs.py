@@ -62,7 +62,7 @@ def parser_of(script):
     class Captured(Exception):
         pass
 
-    def capture(p, argv=None, bits=None):
+    def capture(p, argv=None, bits=None, dataset_defaults=None):
         raise Captured(p)
     saved = module.parse_args
     module.parse_args = capture

@@ -103,7 +103,7 @@ def test_recipe_defaults_per_dataset_and_architecture(tmp_path):
                                                                                             0.4, 5.0)
     assert akt.parse(["--dataset", "imagenet", "--arch", "mobilenet_v2"]).lr_s == 1e-5
     s = synq.parse(["--dataset", "imagenet"])
-    assert (s.batch_size, s.epochs, s.syn_aug, s.fa_pert) == (4, 101, 0.5, 1)
+    assert (s.batch_size, s.epochs, s.syn_aug, s.fa_pert) == (16, 100, 0.5, 1)
     assert (synq.parse([]).syn_aug, synq.parse([]).fa_pert) == (0.0, 0)
 
 
@@ -179,6 +179,7 @@ def test_run_all_runs_imagenet_cells_as_tasks_and_reports_them(tiny_imagenet, tm
     r = subprocess.run(["bash", "run_all.sh", *grid, "--task", "0"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "runs" / "smoke" / "imagenet-resnet18__gdfq__w4a4__seed0" / "summary.json").exists()
-    r = subprocess.run(["bash", "run_all.sh", *grid, "--report-only"], cwd=ROOT, capture_output=True, text=True, env=env)
+    r = subprocess.run(["bash", "run_all.sh", *grid, "--report-only"], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
     assert r.returncode == 0, r.stderr
     assert "| imagenet resnet18 | W4A4 | smoke |" in (tmp_path / "res" / "RESULTS.md").read_text()

@@ -126,3 +126,32 @@ def test_split_relu_places_compute_torchvision_forward():
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             assert torch.equal(ours(x), theirs(x)), arch
+
+
+def test_pytorchcv_resnet50_maps_onto_torchvision_with_its_strides():
+    """pytorchcv's ResNet-50 strides the bottleneck's first 1x1 conv (v1), torchvision's the 3x3 (v1.5): mapped, the
+    torchvision model computes the reference model's logits (float64)."""
+    ref = fixture("imagenet", "gdfq_imagenet.pt")
+    model = common.imagenet_model("resnet50")
+    common.load_weights_strict(model, common.pytorchcv_resnet_to_torchvision(seeded(ref["r50_keys"], 5), model))
+    assert model.layer2[0].conv1.stride == (2, 2) and model.layer2[0].conv2.stride == (1, 1)
+    with torch.no_grad():
+        logits = model.double().eval()(bns_input()[:1].double())
+    assert_close(logits, ref["r50_logits"], 1e-9, "ResNet-50 logits")
+
+
+def test_adadfq_imagenet_losses_match_its_reference():
+    """AKT on ImageNet takes AdaDFQ's ImageNet losses (hfutqian/AdaDFQ @ 84100f3, ImageNet/trainer.py): the entropy
+    band with lambda_l 0.1 (ResNet-18, MobileNetV2) or 0.4 (ResNet-50) and the student's 5 x 5 x entropy at T = 5."""
+    import akt
+    ref = fixture("imagenet", "adadfq_imagenet.pt")
+    t, s = ref["t"], ref["s"]
+    y = torch.zeros(16, dtype=torch.long)
+    onehot = akt.adadfq_generator_loss(t, s, y, 1000, h_low=-1.0, h_high=2.0)  # the band never binds: one-hot only
+    for low, arch in ((0.1, "resnet18"), (0.4, "resnet50")):
+        a = akt.parse(["--dataset", "imagenet", "--arch", arch])
+        assert a.h_low == low and a.h_high == 0.8
+        band = akt.adadfq_generator_loss(t, s, y, 1000, a.h_low, a.h_high) - onehot
+        assert_close(band, ref[f"h_loss_low{low}"], 1e-4, f"entropy band, lambda_l {low}")
+    a = akt.parse(["--dataset", "imagenet"])
+    assert_close(akt.adadfq_student_loss(t, s, a.temperature, a.entropy_weight), ref["q_loss"], 1e-6, "student loss")
