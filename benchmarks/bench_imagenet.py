@@ -30,7 +30,7 @@ def main():
     p.add_argument("--iters", type=int, default=3, help="iterations per measured epoch")
     p.add_argument("--methods", default="gdfq ait akt lrq synq")
     p.add_argument("--archs", default="resnet18 resnet50 mobilenet_v2")
-    p.add_argument("--syn-batch", type=int, default=4, help="SynQ: the synthesis batch measured (scaled linearly)")
+    p.add_argument("--syn-batch", type=int, default=16, help="SynQ: the synthesis batch measured (scaled linearly)")
     p.add_argument("--json", default=None, help="write the figures here")
     a = p.parse_args()
     import torch
@@ -49,7 +49,8 @@ def main():
             for m in a.methods.split():
                 module = common.import_script(m)
                 recipe = module.parse(["--dataset", "imagenet", "--arch", arch])
-                extra = ["--num-images", str(a.syn_batch), "--syn-batch", str(a.syn_batch), "--syn-iters", "4"] \
+                n_syn = max(a.syn_batch, recipe.batch_size)  # a set at least one fine-tuning batch large
+                extra = ["--num-images", str(n_syn), "--syn-batch", str(a.syn_batch), "--syn-iters", "6"] \
                     if m == "synq" else []
                 cmd = [sys.executable, f"{m}.py", "--dataset", "imagenet", "--arch", arch, "--teacher", teacher,
                        "--data-dir", tmp, "--workers", "0", "--device", a.device, "--threads", str(a.threads),
@@ -70,8 +71,8 @@ def main():
                        "s_per_warmup_iter": round(s_warm, 3), "s_per_student_iter": round(s_train, 3),
                        "projected_training_hours": round(hours, 1)}
                 if m == "synq":
-                    step = [line for line in r.stdout.splitlines() if line.startswith("synthesis: ")][0]
-                    s_step = float(step.split()[1]) * recipe.syn_batch / a.syn_batch
+                    step = [line for line in r.stdout.splitlines() if " s/step over steps 2-4" in line][0]
+                    s_step = float(step.split()[1]) * recipe.syn_batch / a.syn_batch  # "synthesis: X s/step ..."
                     syn_hours = s_step * recipe.syn_iters * (recipe.num_images / recipe.syn_batch) / 3600
                     row.update(s_per_synthesis_step_at_recipe_batch=round(s_step, 2),
                                projected_synthesis_hours=round(syn_hours, 1))

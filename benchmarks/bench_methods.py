@@ -4,6 +4,7 @@ where it stands against the machine's measured peak (the roofline).
     python benchmarks/bench_methods.py --device cpu --threads 2 --iters 4 --json bench_methods.json
     python benchmarks/bench_methods.py --device cpu --threads 2 --extra="--compile --amp bf16"
     python benchmarks/bench_methods.py --device cuda --iters 50 --json bench_methods_gpu.json
+    python benchmarks/bench_methods.py --side-by-side --device cpu --threads 2 --rounds 3 --json side_by_side.json
 
 Each script runs as users run it, for three short epochs (one warm-up for the generator methods) on synthetic
 CIFAR-shaped data in the official layout and a random teacher (speed does not depend on either), written to a temp
@@ -15,6 +16,10 @@ iteration. Each epoch ends by copying its loss sums to the host, so on a GPU the
 Roofline: the FLOPs of one iteration of that epoch (benchmarks/flop_count.py: torch.utils.flop_counter, matrix
 products and convolutions, forward and backward, at the same batch) over its time, against the peak of a large
 matrix product (--peak-n square, float32 and bfloat16) timed in this process on the same threads.
+
+--side-by-side: per method, eager against each flag set (--compile, --amp bf16, both), one run of each per round,
+back to back with the order rotated between rounds; the speedup of a round is eager's time over the flag set's in that
+round, reported as the median and min-max over the rounds (JSON: s/iter and speedups per method and flag set).
 
 --breakdown: where the rest goes. One more short run of each script under torch.profiler (flop_count.py --profile)
 splits a student epoch's iteration into convolutions and matrix products, batch norm, the other operators and the
@@ -76,6 +81,60 @@ def matmul_peak(n, dtype, device, reps=20):
     return 2 * n ** 3 / best
 
 
+def run_method(m, tmp, teacher, a, flags, name):
+    """One short run of method m with `flags` (a list); its last (student) epoch's seconds per iteration."""
+    b = PAPER_BATCH[m]
+    if m in GENERATOR_METHODS:
+        sched = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", str(a.iters)]
+    else:
+        sched = ["--epochs", "3", "--train-subset", str(b * a.iters)]
+    args = ["--data-dir", os.path.join(tmp, "data"), "--teacher", teacher, "--batch-size", str(b), "--device",
+            a.device, "--threads", str(a.threads), "--out-dir", tmp, *sched, *METHOD_ARGS.get(m, lambda b: [])(b),
+            *flags, "--run-name", name]
+    r = subprocess.run([sys.executable, f"{m}.py", *args], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "CLEANQD_OFFLINE": "1"})
+    if r.returncode:
+        sys.exit(f"error: {m} {' '.join(flags)} failed: {r.stderr.strip().splitlines()[-1]}")
+    with open(os.path.join(tmp, name, "metrics.jsonl")) as f:
+        return b / [json.loads(line) for line in f][-1]["charts/images_per_s"]
+
+
+def side_by_side(a):
+    """Eager against each flag set, per method: in every round each configuration runs once, back to back, in an
+    order rotated by one from the previous round, so that a slow spell of a shared machine falls on all of them. The
+    ratio of a round is eager's time over the flag set's in that round; medians and min-max over the rounds."""
+    import statistics
+    configs = [("eager", [])] + [(f.strip(), f.split()) for f in a.flag_sets.split(";") if f.strip()]
+    res = {"machine": {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                       "device": a.device, "torch": torch.__version__, "python": platform.python_version(),
+                       "threads": a.threads or torch.get_num_threads()},
+           "iters": a.iters, "rounds": a.rounds, "date": time.strftime("%Y-%m-%d"), "methods": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_data(os.path.join(tmp, "data"), n_train=max(PAPER_BATCH.values()) * a.iters)
+        teacher = os.path.join(tmp, "teacher.pth")
+        torch.save(CifarResNet(20, 10).state_dict(), teacher)
+        for m in a.methods:
+            times = {c: [] for c, _ in configs}
+            for r in range(a.rounds):
+                for k in range(len(configs)):
+                    c, flags = configs[(k + r) % len(configs)]
+                    times[c].append(run_method(m, tmp, teacher, a, flags, f"{m}_{r}_{k}"))
+            out = {"batch": PAPER_BATCH[m], "s_per_iter": {}, "speedup": {}}
+            for c, _ in configs:
+                ts = times[c]
+                out["s_per_iter"][c] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "all": ts}
+                if c != "eager":
+                    ratios = [e / t for e, t in zip(times["eager"], ts)]
+                    out["speedup"][c] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            res["methods"][m] = out
+            print(f"{m:6s} eager {out['s_per_iter']['eager']['median']:.3f} s/iter; " + "; ".join(
+                f"{c}: x{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})" for c, v in out["speedup"].items()),
+                flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,9 +146,17 @@ def main():
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP counts (the roofline)")
     p.add_argument("--breakdown", action="store_true", help="also profile where each iteration's time goes")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="instead: each method eager against each of --flag-sets, back-to-back in every round (the "
+                        "order rotated from round to round), medians and min-max over --rounds")
+    p.add_argument("--flag-sets", default="--compile;--amp bf16;--compile --amp bf16",
+                   help="--side-by-side: the flag sets compared with eager, separated by ';'")
+    p.add_argument("--rounds", type=int, default=3, help="--side-by-side: rounds")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.side_by_side:
+        return side_by_side(a)
     res = {"machine": {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                        "device": a.device, "torch": torch.__version__, "python": platform.python_version(),
                        "threads": a.threads or torch.get_num_threads(),

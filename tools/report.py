@@ -257,7 +257,8 @@ def update_docs(docs_dir, groups):
         method = name[:-3] if name[:-3] in grid.methods() else None
         blocks = [(DOC_BEGIN, DOC_END, table, {"methods": {method} if method else None}),
                   (FIG_BEGIN, FIG_END, figures, {"method": method}) if method else None,
-                  (COST_BEGIN, COST_END, cost_table, {}), (STAND_BEGIN, STAND_END, standings, {})]
+                  (COST_BEGIN, COST_END, cost_table, {}), (STAND_BEGIN, STAND_END, standings, {}),
+                  (SPEED_BEGIN, SPEED_END, speed_table, {})]
         err, touched = None, False
         for begin, end, make, kwargs in filter(None, blocks):
             if begin in text and not err:
@@ -265,6 +266,35 @@ def update_docs(docs_dir, groups):
         if touched:
             (errors if err else done).append(err or path)
     return errors, done
+
+
+SPEED_BEGIN, SPEED_END = "<!-- per-method speed: tools/report.py --docs -->", "<!-- end per-method speed -->"
+SPEED_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "side_by_side_cpu.json")
+
+
+def speed_table(groups, path=SPEED_JSON):
+    """The per-method table of benchmarks/bench_methods.py --side-by-side's committed JSON: eager seconds per
+    iteration and each flag set's speedup (median and min-max over the rounds, each round back to back)."""
+    if not os.path.isfile(path):
+        return "No side-by-side measurement is committed (benchmarks/side_by_side_cpu.json)."
+    with open(path) as f:
+        res = json.load(f)
+    m = res["machine"]
+    flags = [c for c in next(iter(res["methods"].values()))["speedup"]]
+    lines = [f"Measured {res['date']} on {m['cpu']} ({m['cpu_capability']}, {m['threads']} threads, torch "
+             f"{m['torch']}), {res['rounds']} rounds of {res['iters']} student iterations per run, each method at its "
+             "paper batch (`python benchmarks/bench_methods.py --side-by-side`, from "
+             "`benchmarks/side_by_side_cpu.json`). Speedup: eager's time over the flag set's in the same round, "
+             "median (min-max over the rounds); above 1 is faster.", "",
+             "| method | batch | eager s/iter, median (min-max) | " + " | ".join(f"`{c}`" for c in flags) + " |",
+             "|---|---|---|" + "---|" * len(flags)]
+    for name, r in res["methods"].items():
+        e = r["s_per_iter"]["eager"]
+        cells = [f"x{r['speedup'][c]['median']:.2f} ({r['speedup'][c]['min']:.2f}-{r['speedup'][c]['max']:.2f})"
+                 for c in flags]
+        lines.append(f"| {name} | {r['batch']} | {e['median']:.3f} ({e['min']:.3f}-{e['max']:.3f}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 FIG_BEGIN, FIG_END = "<!-- figures: tools/report.py --docs -->", "<!-- end figures -->"
