@@ -312,8 +312,8 @@ class Taps:
             self.branches.append(full_precision(output))
 
     def _last(self, module, inputs, output):
-        if self.active:
-            self.last = full_precision(output)
+        if self.active:  # as it is: Grad-CAM differentiates by this very tensor (bf16 under --amp bf16)
+            self.last = output
 
     def __call__(self, model, x):
         """(logits, the residual branches' outputs, the last conv's output)."""
@@ -353,8 +353,8 @@ def grad_cam(logits, act, size, create_graph=False):
     logit)/d(act), clamped at 1e-10 (the reference's, not Grad-CAM's signed weights), taken as constants; ReLU of the
     weighted sum, bilinear to `size`, min-max normalised per image (+1e-10)."""
     score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
-    g = torch.autograd.grad(score, act, retain_graph=True, create_graph=create_graph)[0]
-    cam = F.relu((g.mean((2, 3), keepdim=True).clamp(min=1e-10) * act).sum(1, keepdim=True))
+    g = full_precision(torch.autograd.grad(score, act, retain_graph=True, create_graph=create_graph)[0])
+    cam = F.relu((g.mean((2, 3), keepdim=True).clamp(min=1e-10) * full_precision(act)).sum(1, keepdim=True))
     cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False).flatten(1)
     lo, hi = cam.min(1, keepdim=True)[0], cam.max(1, keepdim=True)[0]
     return ((cam - lo) / (hi - lo + 1e-10)).view(-1, 1, *size)

@@ -82,7 +82,8 @@ def matmul_peak(n, dtype, device, reps=20):
 
 
 def run_method(m, tmp, teacher, a, flags, name):
-    """One short run of method m with `flags` (a list); its last (student) epoch's seconds per iteration."""
+    """One short run of method m with `flags` (a list); its last (student) epoch's seconds per iteration, or the
+    run's last error line (a string) if it failed."""
     b = PAPER_BATCH[m]
     if m in GENERATOR_METHODS:
         sched = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", str(a.iters)]
@@ -94,7 +95,7 @@ def run_method(m, tmp, teacher, a, flags, name):
     r = subprocess.run([sys.executable, f"{m}.py", *args], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "CLEANQD_OFFLINE": "1"})
     if r.returncode:
-        sys.exit(f"error: {m} {' '.join(flags)} failed: {r.stderr.strip().splitlines()[-1]}")
+        return f"{m} {' '.join(flags)} failed: {r.stderr.strip().splitlines()[-1]}"
     with open(os.path.join(tmp, name, "metrics.jsonl")) as f:
         return b / [json.loads(line) for line in f][-1]["charts/images_per_s"]
 
@@ -114,25 +115,33 @@ def side_by_side(a):
         teacher = os.path.join(tmp, "teacher.pth")
         torch.save(CifarResNet(20, 10).state_dict(), teacher)
         for m in a.methods:
-            times = {c: [] for c, _ in configs}
+            times, errors = {c: [] for c, _ in configs}, {}
             for r in range(a.rounds):
                 for k in range(len(configs)):
                     c, flags = configs[(k + r) % len(configs)]
-                    times[c].append(run_method(m, tmp, teacher, a, flags, f"{m}_{r}_{k}"))
-            out = {"batch": PAPER_BATCH[m], "s_per_iter": {}, "speedup": {}}
+                    t = run_method(m, tmp, teacher, a, flags, f"{m}_{r}_{k}")
+                    if isinstance(t, str):
+                        errors[c] = t
+                        print(f"error: {t}", flush=True)
+                    else:
+                        times[c].append(t)
+            out = {"batch": PAPER_BATCH[m], "s_per_iter": {}, "speedup": {}, "errors": errors}
             for c, _ in configs:
                 ts = times[c]
+                if len(ts) < a.rounds or len(times["eager"]) < a.rounds:
+                    continue
                 out["s_per_iter"][c] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "all": ts}
                 if c != "eager":
                     ratios = [e / t for e, t in zip(times["eager"], ts)]
                     out["speedup"][c] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
             res["methods"][m] = out
-            print(f"{m:6s} eager {out['s_per_iter']['eager']['median']:.3f} s/iter; " + "; ".join(
-                f"{c}: x{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})" for c, v in out["speedup"].items()),
-                flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+            if "eager" in out["s_per_iter"]:
+                print(f"{m:6s} eager {out['s_per_iter']['eager']['median']:.3f} s/iter; " + "; ".join(
+                    f"{c}: x{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})" for c, v in out["speedup"].items()),
+                    flush=True)
+            if a.json:  # after every method: a long measurement keeps what it has
+                with open(a.json, "w") as f:
+                    json.dump(res, f, indent=1)
 
 
 def main():

@@ -167,3 +167,16 @@ def test_synq_compiled_takes_its_second_backward_and_keeps_grad_cam_eager(tiny_d
     r = run_script([*common_args, "--run-name", "cam"], cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "note: --compile leaves the teacher and student eager" in r.stdout
+
+
+@pytest.mark.slow
+def test_synq_amp_bf16_takes_grad_cam_through_the_bf16_activation(tiny_data, teachers, tmp_path):
+    """Under --amp bf16 the last conv's output is bf16: Grad-CAM differentiates by that very tensor (a float32 copy
+    of it is not in the graph: autograd.grad failed with 'appears to not have been used in the graph')."""
+    r = run_script(["synq.py", "--data-dir", tiny_data, "--teacher", teachers["cifar10"], "--out-dir", str(tmp_path),
+                    "--amp", "bf16", "--num-images", "8", "--syn-batch", "8", "--syn-iters", "1", "--run-name", "b",
+                    *TINY], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["losses/cam"] > 0
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["final_top1"] is not None

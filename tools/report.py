@@ -280,7 +280,8 @@ def speed_table(groups, path=SPEED_JSON):
     with open(path) as f:
         res = json.load(f)
     m = res["machine"]
-    flags = [c for c in next(iter(res["methods"].values()))["speedup"]]
+    flags = [c for c, _ in sorted({c: 0 for r in res["methods"].values() for c in r["s_per_iter"]}.items())
+             if c != "eager"]
     lines = [f"Measured {res['date']} on {m['cpu']} ({m['cpu_capability']}, {m['threads']} threads, torch "
              f"{m['torch']}), {res['rounds']} rounds of {res['iters']} student iterations per run, each method at its "
              "paper batch (`python benchmarks/bench_methods.py --side-by-side`, from "
@@ -291,7 +292,7 @@ def speed_table(groups, path=SPEED_JSON):
     for name, r in res["methods"].items():
         e = r["s_per_iter"]["eager"]
         cells = [f"x{r['speedup'][c]['median']:.2f} ({r['speedup'][c]['min']:.2f}-{r['speedup'][c]['max']:.2f})"
-                 for c in flags]
+                 if c in r["speedup"] else "failed: " + r.get("errors", {}).get(c, "not measured") for c in flags]
         lines.append(f"| {name} | {r['batch']} | {e['median']:.3f} ({e['min']:.3f}-{e['max']:.3f}) | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
