@@ -1620,9 +1620,6 @@ def check_warmup(epochs, warmup_epochs, calib_epochs=None):
     train."""
     if epochs == 0:
         return  # evaluate the teacher only
-    if calib_epochs is not None and not 1 <= calib_epochs <= warmup_epochs:
-        die(f"--calib-epochs {calib_epochs}: the activation ranges calibrate in the first epochs of the warm-up "
-            f"(--warmup-epochs {warmup_epochs}); use 1 to {warmup_epochs}")
     if warmup_epochs < 1:
         die(f"--warmup-epochs {warmup_epochs}: the activation ranges calibrate during the warm-up only, so with none "
             "the student trains on uncalibrated ranges (chance level); use at least 1")
@@ -1632,6 +1629,9 @@ def check_warmup(epochs, warmup_epochs, calib_epochs=None):
     if warmup_epochs == epochs:
         print(f"warning: --epochs {epochs} equals --warmup-epochs: the student never trains; this run measures the "
               "calibrated-only baseline")
+    if calib_epochs is not None and not 1 <= calib_epochs <= warmup_epochs:
+        die(f"--calib-epochs {calib_epochs}: the activation ranges calibrate in the first epochs of the warm-up "
+            f"(--warmup-epochs {warmup_epochs}); use 1 to {warmup_epochs}")
 
 
 def set_lr(opt, lr, key="lr"):

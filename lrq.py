@@ -81,7 +81,10 @@ def parse(argv=None):
                    help="activation-range calibration: a plain EMA of the batch min/max, or the reference code's "
                         "bias-corrected one, which inflates the ranges for the first ~150 updates")
     args = parse_args(p, argv, dataset_defaults={"imagenet": IMAGENET})
-    if args.calib_epochs is None or args.calib_epochs > args.warmup_epochs > 0:  # a shorter warm-up bounds it
+    if args.calib_epochs is not None and args.calib_epochs > args.warmup_epochs > 0:  # a shorter warm-up bounds it
+        print(f"note: the activation ranges calibrate in the {args.warmup_epochs} warm-up epochs "
+              f"(--calib-epochs {args.calib_epochs} is longer than the warm-up)")
+    if args.calib_epochs is None or args.calib_epochs > args.warmup_epochs > 0:
         args.calib_epochs = args.warmup_epochs
     check_warmup(args.epochs, args.warmup_epochs, args.calib_epochs)
     return args

@@ -123,7 +123,7 @@ BAD = {
     "wbits_low": (["--wbits", "1"], "--wbits 1 is out of range"),
     "wbits_high": (["--wbits", "9"], "--wbits 9 is out of range"),
     "abits_low": (["--abits", "1"], "--abits 1 is out of range"),
-    "dataset": (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    "dataset": (["--dataset", "svhn"], "invalid choice: 'svhn'"),
     "not_int": (["--epochs", "many"], "invalid int value"),
     "teacher_missing": (["--teacher", "/nonexistent.pth"], "no such file"),
     "teacher_offline": (["--teacher", "pytorchcv"], "pass --teacher PATH"),

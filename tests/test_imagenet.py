@@ -107,6 +107,15 @@ def test_recipe_defaults_per_dataset_and_architecture(tmp_path):
     assert (synq.parse([]).syn_aug, synq.parse([]).fa_pert) == (0.0, 0)
 
 
+def test_calibration_epochs_are_checked_and_bounded_by_the_warmup(capsys):
+    import gdfq
+    with pytest.raises(SystemExit) as e:
+        gdfq.parse(["--calib-epochs", "0"])
+    assert e.value.code == 2 and "--calib-epochs 0" in capsys.readouterr().err
+    a = gdfq.parse(["--dataset", "imagenet", "--warmup-epochs", "2", "--epochs", "3"])
+    assert a.calib_epochs == 2 and "calibrate in the 2 warm-up epochs" in capsys.readouterr().out
+
+
 def test_help_shows_the_imagenet_recipe():
     r = run_script(["akt.py", "--help"], cwd=ROOT)
     assert r.returncode == 0 and "[imagenet: resnet18: 1e-05, resnet50: 0.0001, mobilenet_v2: 1e-05]" in \
