@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (ArgumentParser, NUM_CLASSES, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
                     check_warmup, full_precision, lr_milestones, method_name, parse_args, quantize_model,
                     set_calibrating, set_lr, setup)
 
@@ -101,6 +101,7 @@ class Generator(nn.Module):
     def forward(self, z, y):
         h = self.l1(self.label_emb(y) * z).view(-1, 128, self.init_size, self.init_size)
         return self.block2(self.block1(self.bn0(h)))
+
 
 # ALGO LOGIC: the ImageNet generator (the reference's Generator_imagenet): the label enters through class-conditional
 # BatchNorms (a per-class scale and shift on an affine-free BN) instead of multiplying the noise; 224x224 images

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (ArgumentParser, NUM_CLASSES, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
+from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
                     check_warmup, classifier, full_precision, logits_and_pooled, lr_milestones, method_name,
                     parse_args, quantize_model, set_calibrating, set_lr, setup)
 
