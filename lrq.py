@@ -226,7 +226,7 @@ if __name__ == "__main__":
     student = build_student(args, teacher)
     generator = Generator(num_classes, args.latent_dim, 224 if args.dataset == "imagenet" else 32,  # ImageNet: 224x224
                           lka=not args.no_lka).to(device).train()
-    bns_loss = BNStatsLoss(teacher)
+    bns_loss, t_fc = BNStatsLoss(teacher), classifier(teacher)  # t_fc: the teacher's classifier, for the margin
     opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
                             weight_decay=args.weight_decay)
@@ -254,7 +254,7 @@ if __name__ == "__main__":
             bns_loss.active = True
             t_logits, t_pool = logits_and_pooled(teacher, x)
             bns_loss.active = False
-            ce_g = F.cross_entropy(margin_logits(t_logits, t_pool, classifier(teacher), y, args.ama_margin), y)
+            ce_g = F.cross_entropy(margin_logits(t_logits, t_pool, t_fc, y, args.ama_margin), y)
             bns = bns_loss()
             loss_g = ce_g + args.bns_weight * bns
             opt_g.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """Fixtures: a tiny CIFAR dataset in the official python layout and random teachers in both weight layouts,
 all written by the tests into temp dirs (nothing is downloaded)."""
 import functools
+import json
 import os
 import pickle
 import subprocess
@@ -73,6 +74,12 @@ def teachers(tmp_path_factory):
         paths[ds] = str(d / f"{ds}_random.pth")
         torch.save(random_teacher(c, seed=c).state_dict(), paths[ds])
     return paths
+
+
+def metrics(run_dir):
+    """A run directory's metrics.jsonl as a list of dicts."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def run_script(args, cwd, timeout=600):

@@ -1,10 +1,9 @@
 """gdfq.py end to end on a tiny dataset: outputs, resume, NaN stop, saved model, and bad-input exits."""
 import json
-import os
 
 import pytest
 import torch
-from conftest import ROOT, assert_teacher_acc_gen, run_script
+from conftest import ROOT, assert_teacher_acc_gen, metrics, run_script
 
 import common
 from common import EvalData, load_quantized, load_teacher
@@ -16,11 +15,6 @@ TINY = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", "2", "--ba
 def gdfq(tiny_data, teachers, out, *extra, dataset="cifar10"):
     return run_script(["gdfq.py", "--dataset", dataset, "--data-dir", tiny_data, "--teacher", teachers[dataset],
                        "--out-dir", str(out), *TINY, *extra], cwd=ROOT)
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow

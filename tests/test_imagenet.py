@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, metrics, run_script
 
 import common
 
@@ -34,11 +34,6 @@ def tiny_imagenet(tmp_path_factory):
 def run(script, data, out, *extra):
     return run_script([script, *TINY, "--data-dir", str(data), "--teacher", str(data / "resnet18.pth"),
                        "--out-dir", str(out), *extra], cwd=ROOT)
-
-
-def metrics(run_dir):
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def test_labels_follow_the_sorted_wnid_index(tiny_imagenet):
