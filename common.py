@@ -377,9 +377,15 @@ class _Interleave(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         b, c4, h1, w1 = ctx.shape
-        gy = g.new_zeros(ctx.shape).contiguous(memory_format=torch.channels_last if g.is_contiguous(
-            memory_format=torch.channels_last) else torch.contiguous_format)
-        _phase_view(gy, ctx.co, h1 - 1, w1 - 1, True).copy_(_phase_view(g, ctx.co, h1 - 1, w1 - 1, False))
+        co, h, w = ctx.co, h1 - 1, w1 - 1
+        fmt = torch.channels_last if g.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        gy = torch.empty(ctx.shape, dtype=g.dtype, device=g.device, memory_format=fmt)
+        _phase_view(gy, co, h, w, True).copy_(_phase_view(g, co, h, w, False))
+        for a in (0, 1):  # zeros where no output read: phase (a, c)'s row h (a = 0) or 0, its column w (c = 0) or 0
+            for c in (0, 1):
+                block = gy[:, (2 * a + c) * co:(2 * a + c + 1) * co]
+                block[:, :, h if a == 0 else 0].zero_()
+                block[:, :, :, w if c == 0 else 0].zero_()
         return gy, None
 
 
@@ -738,6 +744,39 @@ def fake_quant(x, lo, hi, k):
     return _FakeQuant.apply(x, lo, hi, k)
 
 
+class _ReluFakeQuant(torch.autograd.Function):
+    """fake_quant(relu(x)) (or relu6) in one function, equal to the two-step chain bit for bit, forward and backward.
+    Rounding is monotone, so every x <= 0 gets the code of 0, c0 = clamp(-z), and (relu6) every x >= 6 the code of
+    6: the activation is a narrower clamp of the codes, q = clamp(round(s*x - z), c0, c6), and needs no pass, no
+    tensor of its own. Backward: the activation's mask (0 < x, and x < 6 for relu6; the quantizer's gradient is the
+    identity), from the saved input."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, k, six):
+        ctx.six = six
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            s, z = scale_zero(lo, hi, k)
+            qmin, qmax = -(2 ** (k - 1)), 2 ** (k - 1) - 1
+            c0 = (-z).clamp(qmin, qmax)
+            c1 = (x.new_tensor(6.0) * s).sub_(z).round_().clamp_(qmin, qmax) if six else torch.full_like(z, qmax)
+            q = (x * s).sub_(z).round_().clamp_min_(c0).clamp_max_(c1)  # clamp_(c0, c1): slow with tensor bounds
+            return q.add_(z).div_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        if ctx.six:
+            return torch.ops.aten.hardtanh_backward(g, x, 0.0, 6.0), None, None, None, None
+        return torch.ops.aten.threshold_backward(g, x, 0.0), None, None, None, None
+
+
+def relu_fake_quant(x, lo, hi, k, six=False):
+    """fake_quant(relu(x), lo, hi, k) (six: relu6(x)) in one function: the same values and gradients, two fewer
+    passes over x and no stored ReLU output."""
+    return _ReluFakeQuant.apply(x, lo, hi, k, six)
+
+
 def weight_codes(w, k):
     """Integer codes of a weight tensor under per-output-channel min/max k-bit quantization (used by AIT)."""
     flat = w.detach().flatten(1)
@@ -811,10 +850,10 @@ class QuantReLU(nn.Module):
 
     def forward(self, x):
         x = full_precision(x)  # the quantizer runs in float32 (a bf16 input under --amp bf16 is cast up)
-        x = F.relu6(x) if self.six else F.relu(x)  # six: in a ReLU6's place (MobileNetV2)
         if self.calibrating:
-            with torch.no_grad():
+            with torch.no_grad():  # the range of relu(x) (relu6 in a ReLU6's place, MobileNetV2), read from x
                 lo, hi = x.detach().aminmax()
+                lo, hi = (lo.clamp(0, 6), hi.clamp(0, 6)) if self.six else (lo.clamp_min(0), hi.clamp_min(0))
                 if self.ema == "reference":  # its float32 arithmetic, in its order
                     m = self.beta_t.new_tensor(self.momentum)
                     self.beta_t.mul_(m)
@@ -825,7 +864,7 @@ class QuantReLU(nn.Module):
                     self.lo.copy_(m * self.lo + (1 - m) * lo)
                     self.hi.copy_(m * self.hi + (1 - m) * hi)
                 self.initialised.fill_(True)
-        return fake_quant(x, self.lo, self.hi, self.abits)
+        return relu_fake_quant(x, self.lo, self.hi, self.abits, self.six)
 
     def export_act(self):
         s, z = scale_zero(self.lo, self.hi, self.abits)

@@ -166,14 +166,48 @@ def _unit_positions(f):
     return f / (f.norm(dim=1, keepdim=True) + 1e-5)
 
 
+class _AffinityL1(torch.autograd.Function):
+    """sum over the batch of ||S^T S - T^T T||_1 (S, T: [B, C, HW]; no gradient to T), a few images at a time, so
+    that the B x HW x HW affinities (100 x 1024² at 32x32) never exist at once: each chunk's difference, |.| and sign
+    stay in the cache instead of streaming 400 MB tensors through memory six times. D = [S; T]^T [S; -T], one
+    product. Backward recomputes a chunk's D and returns 2 S sign(D) (D is symmetric: autograd's S (sign(D)^T +
+    sign(D))). Equal to the plain expression up to float rounding (the order of the sums); computed in the inputs'
+    dtype (float32 under --amp bf16 too)."""
+    CHUNK = 1 << 21  # affinity entries per chunk (8 MB in float32)
+
+    @staticmethod
+    def chunks(s):
+        n = max(1, _AffinityL1.CHUNK // s.shape[-1] ** 2)
+        return [slice(i, i + n) for i in range(0, len(s), n)]
+
+    @staticmethod
+    def diff(s, t):
+        return torch.bmm(torch.cat([s, t], 1).transpose(1, 2), torch.cat([s, -t], 1))
+
+    @staticmethod
+    def forward(ctx, s, t):
+        ctx.save_for_backward(s, t)
+        with torch.autocast(s.device.type, enabled=False):
+            return torch.stack([_AffinityL1.diff(s[c], t[c]).abs_().sum() for c in _AffinityL1.chunks(s)]).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        s, t = ctx.saved_tensors
+        grad = torch.empty_like(s)
+        with torch.autocast(s.device.type, enabled=False):
+            for c in _AffinityL1.chunks(s):
+                sign = _AffinityL1.diff(s[c], t[c]).sign_()
+                torch.bmm(s[c], sign, out=grad[c])
+        return grad.mul_(2 * g), None
+
+
 def fa_loss(fs, ft):
     """sum over the batch of ||A_s - A_t||_1 / (HW)^2, A = F^T F over unit position vectors (teacher detached)."""
     ft = ft.detach()
     if ft.shape[-2:] != fs.shape[-2:]:
         ft = F.interpolate(ft, size=fs.shape[-2:], mode="bilinear", align_corners=True)  # as the reference
     s, t = _unit_positions(fs), _unit_positions(ft)
-    hw = s.shape[-1]
-    return (s.transpose(1, 2) @ s - t.transpose(1, 2) @ t).abs().sum() / hw ** 2
+    return _AffinityL1.apply(s, t) / s.shape[-1] ** 2
 
 
 def ffa_loss(fs, ft, k, generator):
@@ -256,7 +290,8 @@ if __name__ == "__main__":
         a.requires_grad_(args.alpha_mode == "learned")
     others = [p for p in student.parameters() if all(p is not a for a in alphas)] + list(adapters.parameters())
     groups = [{"params": others}] + ([{"params": alphas, "weight_decay": args.alpha_weight_decay}] if alphas else [])
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay)
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay,
+                          foreach=True)
     ffa_gen = torch.Generator(device).manual_seed(args.seed)  # FFA's own RNG (not the global one), on the device
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "adapters": adapters, "opt": opt, "ffa_gen": GeneratorState(ffa_gen)})

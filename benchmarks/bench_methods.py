@@ -68,17 +68,37 @@ def matmul_peak(n, dtype, device, reps=20):
     """FLOP/s of an n x n matrix product (the best of `reps`, after one untimed). On a shared VM it moves by a
     quarter between runs: the figure is measured again after the methods and the higher one kept."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return _best_rate(lambda: a @ b, 2 * n ** 3, device, reps)
+
+
+def conv_peak(dtype, device, reps=10):
+    """FLOP/s of a large 3x3 convolution (16 x 256 channels x 32², channels_last: the kernels the methods' own
+    convolutions use; on some CPUs, e.g. AMD's, these run far faster than the float32 matrix product)."""
+    x = torch.randn(16, 256, 32, 32, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    return _best_rate(lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 16 * 256 * 256 * 9 * 32 * 32,
+                      device, reps)
+
+
+def _best_rate(fn, flops, device, reps):
     best = float("inf")
     for i in range(reps + 1):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        a @ b
+        fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i:
             best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return flops / best
+
+
+def measure_peak(a):
+    """The machine's peak per dtype: the better of the matrix product and the convolution (each recorded)."""
+    kernels = {dt: {"matmul": matmul_peak(a.peak_n, getattr(torch, dt), a.device),
+                    "conv3x3": conv_peak(getattr(torch, dt), a.device)} for dt in ("float32", "bfloat16")}
+    return {dt: max(k.values()) for dt, k in kernels.items()}, kernels
 
 
 def run_method(m, tmp, teacher, a, flags, name):
@@ -170,12 +190,13 @@ def main():
                        "device": a.device, "torch": torch.__version__, "python": platform.python_version(),
                        "threads": a.threads or torch.get_num_threads(),
                        "gpu": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None},
-           "iters": a.iters, "extra": a.extra,
-           "peak_flops": {"float32": matmul_peak(a.peak_n, torch.float32, a.device),
-                          "bfloat16": matmul_peak(a.peak_n, torch.bfloat16, a.device)}}
+           "iters": a.iters, "extra": a.extra, "date": time.strftime("%Y-%m-%d")}
+    res["peak_flops"], res["peak_kernels"] = measure_peak(a)
     peak = res["peak_flops"]
-    print(f"peak ({a.peak_n}^2 matmul, {res['machine']['threads']} threads): float32 {peak['float32'] / 1e9:.0f} "
-          f"GFLOP/s, bfloat16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s", flush=True)
+    print(f"peak (the better of a {a.peak_n}^2 matmul and a 3x3 conv, {res['machine']['threads']} threads): " +
+          ", ".join(
+        f"{dt} {peak[dt] / 1e9:.0f} GFLOP/s (matmul {k['matmul'] / 1e9:.0f}, conv {k['conv3x3'] / 1e9:.0f})"
+        for dt, k in res["peak_kernels"].items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         write_data(os.path.join(tmp, "data"), n_train=max(PAPER_BATCH.values()) * a.iters)
         teacher = os.path.join(tmp, "teacher.pth")
@@ -240,8 +261,9 @@ def main():
                 line += "\n       most of the other operators: " + ", ".join(
                     f"{k} {100 * v / total:.0f} %" for k, v in list(top.items())[:4])
             print(line + f" on {a.device}", flush=True)
-    for dt in ("float32", "bfloat16"):  # the peak again, after the methods: the better measurement is the peak
-        peak[dt] = max(peak[dt], matmul_peak(a.peak_n, getattr(torch, dt), a.device))
+    again, _ = measure_peak(a)  # the peak again, after the methods: the better measurement is the peak
+    for dt in ("float32", "bfloat16"):
+        peak[dt] = max(peak[dt], again[dt])
     print(f"peak, the better of before and after: float32 {peak['float32'] / 1e9:.0f} GFLOP/s, bfloat16 "
           f"{peak['bfloat16'] / 1e9:.0f} GFLOP/s; against it:")
     for m in a.methods:

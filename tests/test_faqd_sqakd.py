@@ -24,6 +24,24 @@ def test_fa_hand_value():
     assert abs(fa_loss(torch.cat([fs.detach()] * 3), torch.cat([ft] * 3)).item() - 1.5) < 1e-4
 
 
+@pytest.mark.parametrize("chunk", [1 << 21, 50, 1])  # one chunk, several, one image per chunk
+def test_fa_chunked_equals_the_plain_expression(monkeypatch, chunk):
+    """fa_loss computes ||S^T S - T^T T||_1 a few images at a time with its own backward: its value and gradient
+    against the plain expression through autograd, in float64 (equal to rounding), over chunk sizes."""
+    import faqd
+    monkeypatch.setattr(faqd._AffinityL1, "CHUNK", chunk)
+    torch.manual_seed(0)
+    fs = torch.randn(5, 6, 4, 3, dtype=torch.float64).relu().requires_grad_(True)
+    ft = torch.randn(5, 6, 4, 3, dtype=torch.float64).relu()
+    s, t = (f.flatten(2) / (f.flatten(2).norm(dim=1, keepdim=True) + 1e-5) for f in (fs, ft))
+    plain = (s.transpose(1, 2) @ s - t.transpose(1, 2) @ t).abs().sum() / 12 ** 2
+    g_plain, = torch.autograd.grad(plain * 3, fs)
+    loss = fa_loss(fs, ft)
+    g, = torch.autograd.grad(loss * 3, fs)  # an upstream gradient other than 1
+    assert abs(loss.item() - plain.item()) < 1e-12 * plain.item()
+    assert torch.allclose(g, g_plain, rtol=1e-10, atol=1e-14) and g.abs().max() > 0
+
+
 def test_ffa_estimate_converges_to_its_expectation():
     """FFA (order 1) with v ~ N(0, I): E|(D v)_i| = sqrt(2/pi) ||D_i||_2, D = A_s - A_t, so the sketch tends to
     sqrt(2/pi) * (sum over rows of ||D_i||) / (HW)^2 as k grows."""

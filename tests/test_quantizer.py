@@ -1,9 +1,11 @@
-"""The ZeroQ quantizer: exact levels, zero point, clamping, STE gradient, per-channel ranges, EMA calibration."""
+"""The ZeroQ quantizer: exact levels, zero point, clamping, STE gradient, per-channel ranges, EMA calibration, and
+QuantReLU's one-function ReLU + quantizer against the two-step chain."""
+import pytest
 import torch
 import torch.nn.functional as F
 
-from common import (CifarResNet, QConv2d, QLinear, QuantReLU, evaluate, fake_quant, quantize_model, set_calibrating,
-                    weight_codes)
+from common import (CifarResNet, QConv2d, QLinear, QuantReLU, evaluate, fake_quant, quantize_model, relu_fake_quant,
+                    scale_zero, set_calibrating, weight_codes)
 
 
 def test_fake_quant_hand_values():
@@ -123,3 +125,47 @@ def test_8bit_student_tracks_float_model():
     q2(x)
     set_calibrating(q2, False)
     assert (q2(x) - ref).abs().max() > (out - ref).abs().max()  # fewer bits, larger error
+
+
+def _two_step(x, lo, hi, k, six):
+    return fake_quant(F.relu6(x) if six else F.relu(x), lo, hi, k)
+
+
+@pytest.mark.parametrize("six", [False, True])
+def test_relu_fake_quant_is_the_two_step_chain_bit_for_bit(six):
+    """QuantReLU's one-function ReLU + fake quantization against relu (relu6) then fake_quant: values and gradients
+    equal bit for bit, over bit widths, scales, ranges with lo < 0 and odd zero points, exact rounding ties, the
+    boundaries 0 and 6, signed zero, NaN and inf."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        k = (2, 3, 4, 8)[trial % 4]
+        lo = torch.zeros(()) if trial % 5 == 0 else torch.empty(()).uniform_(-1.0, 1.0, generator=gen)
+        hi = lo + torch.empty(()).uniform_(1e-3, 8.0, generator=gen)
+        x = torch.randn(32, 4, 3, 3, generator=gen) * (0.1, 1.0, 3.0, 10.0)[trial % 4]
+        if trial % 7 == 0:  # x * s exactly on half steps: rounding ties everywhere
+            s, _ = scale_zero(lo, hi, k)
+            x = torch.randint(-40, 40, x.shape, generator=gen).float() / 2 / s
+        x.view(-1)[:6] = torch.tensor([0.0, -0.0, 6.0, float("nan"), float("inf"), -float("inf")])
+        x.requires_grad_(True)
+        g = torch.randn(x.shape, generator=gen)
+        ref = _two_step(x, lo, hi, k, six)
+        out = relu_fake_quant(x, lo, hi, k, six)
+        assert torch.equal(ref.nan_to_num(7.0), out.nan_to_num(7.0)) and torch.equal(ref.isnan(), out.isnan())
+        assert torch.equal(torch.autograd.grad(ref, x, g)[0], torch.autograd.grad(out, x, g)[0])
+
+
+@pytest.mark.parametrize("six", [False, True])
+def test_quant_relu_calibrates_and_quantizes_as_relu_then_fake_quant(six):
+    torch.manual_seed(0)
+    q = QuantReLU(3, six=six)
+    lo, hi = torch.zeros(()), torch.zeros(())
+    for step, scale in enumerate((1.0, 9.0, 0.5)):  # ranges across 6 (relu6 clips them) and below 0
+        x = (torch.randn(8, 4, 5, 5) * scale - 0.5).requires_grad_(True)
+        a = F.relu6(x) if six else F.relu(x)
+        m = torch.tensor(0.0 if step == 0 else 0.9)  # float32, as the module's EMA
+        lo, hi = m * lo + (1 - m) * a.detach().min(), m * hi + (1 - m) * a.detach().max()
+        out = q(x)
+        assert torch.equal(q.lo, lo) and torch.equal(q.hi, hi)
+        assert torch.equal(out, fake_quant(a, lo, hi, 3))
+        g = torch.randn_like(out)
+        assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(a, x, g)[0])
