@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, accelerate, add_common_args, at_least,
-                    check_warmup, die, full_precision, lr_milestones, method_name, parse_args, quantize_model,
-                    residual_branches, set_calibrating, set_lr, setup)
+                    batch_stats, check_warmup, die, full_precision, lr_milestones, method_name, parse_args,
+                    quantize_model, residual_branches, set_calibrating, set_lr, setup)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 # How run_all.sh and tools/report.py place this method (see gdfq.py)
@@ -161,10 +161,8 @@ class BNStatsLoss:
             bn.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
-        if self.active:  # biased batch variance as E[(x-c)^2] - (E[x]-c)^2, c = running mean: stable, one pass
-            xc = full_precision(inputs[0]) - module.running_mean.view(1, -1, 1, 1)
-            d = xc.mean((0, 2, 3))
-            self.stats.append((module, d + module.running_mean, (xc * xc).mean((0, 2, 3)) - d * d))
+        if self.active:  # batch mean and biased variance (common.py: around the running mean, one-pass backward)
+            self.stats.append((module, *batch_stats(full_precision(inputs[0]), module.running_mean)))
 
     def __call__(self):
         """mean over BN layers of MSE(batch mean, running_mean) + MSE(batch var, running_var); clears stats."""

@@ -362,6 +362,14 @@ def _phase_view(t, co, h, w, phases):
     return t.as_strided((t.shape[0], co, h, 2, w, 2), stride, t.storage_offset())
 
 
+def _copy_phases(dst, src):
+    """dst.copy_(src) for two [B, Co, H, 2, W, 2] phase views, one (a, c) phase at a time: four 4-d copies whose
+    channels stay contiguous in channels_last memory run about twice as fast as one 6-d copy."""
+    for a in (0, 1):
+        for c in (0, 1):
+            dst[:, :, :, a, :, c].copy_(src[:, :, :, a, :, c])
+
+
 class _Interleave(torch.autograd.Function):
     """[B, 4*Co, H+1, W+1] phase outputs -> [B, Co, 2H, 2W] image, keeping the input's memory format."""
 
@@ -371,7 +379,7 @@ class _Interleave(torch.autograd.Function):
         ctx.shape, ctx.co = y.shape, co
         fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         out = torch.empty((b, co, 2 * (h1 - 1), 2 * (w1 - 1)), dtype=y.dtype, device=y.device, memory_format=fmt)
-        _phase_view(out, co, h1 - 1, w1 - 1, False).copy_(_phase_view(y, co, h1 - 1, w1 - 1, True))
+        _copy_phases(_phase_view(out, co, h1 - 1, w1 - 1, False), _phase_view(y, co, h1 - 1, w1 - 1, True))
         return out
 
     @staticmethod
@@ -380,7 +388,7 @@ class _Interleave(torch.autograd.Function):
         co, h, w = ctx.co, h1 - 1, w1 - 1
         fmt = torch.channels_last if g.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         gy = torch.empty(ctx.shape, dtype=g.dtype, device=g.device, memory_format=fmt)
-        _phase_view(gy, co, h, w, True).copy_(_phase_view(g, co, h, w, False))
+        _copy_phases(_phase_view(gy, co, h, w, True), _phase_view(g, co, h, w, False))
         for a in (0, 1):  # zeros where no output read: phase (a, c)'s row h (a = 0) or 0, its column w (c = 0) or 0
             for c in (0, 1):
                 block = gy[:, (2 * a + c) * co:(2 * a + c + 1) * co]
@@ -1408,6 +1416,31 @@ def setup(args, evaluate_only=False):
 def full_precision(x):
     """x in float32 if it is a bf16/fp16 tensor (from --amp bf16), else x itself (float32 or float64 unchanged)."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+class _BatchStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, c):
+        xc = x - c.view(1, -1, 1, 1)
+        d = xc.mean((0, 2, 3))
+        var = xc.mul_(xc).mean((0, 2, 3)) - d * d
+        ctx.save_for_backward(x, c, d)
+        return d + c, var
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):  # d/dx: g_mean / n + g_var * 2 (x - mean) / n, one pass over x
+        x, c, d = ctx.saved_tensors
+        n = x.numel() // x.shape[1]
+        a = g_var * (2 / n)
+        b = (g_mean - 2 * d * g_var) / n - a * c
+        return torch.addcmul(b.view(1, -1, 1, 1), x, a.view(1, -1, 1, 1)), None
+
+
+def batch_stats(x, center):
+    """Per-channel batch mean and biased variance of x [B, C, H, W], the variance as E[(x-c)²] - (E[x]-c)² around
+    `center` (a BN's running mean: stable in float32). Values as that expression computes them step by step; the
+    gradient in one pass over x (autograd's graph of the expression takes about eight), equal to float rounding."""
+    return _BatchStats.apply(x, center.detach())
 
 
 def _to_float(out):

@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (NUM_CLASSES, ArgumentParser, Progress, UpsampleConv3x3, UserError, accelerate, add_common_args,
-                    at_least, check_warmup, describe_interrupt, fmt_time, full_precision, load_weights_only,
-                    lr_milestones, method_name, parse_args, quantize_model, residual_branches, rng_state,
-                    set_calibrating, set_lr, set_rng_state, setup)
+                    at_least, batch_stats, check_warmup, describe_interrupt, fmt_time, full_precision,
+                    load_weights_only, lr_milestones, method_name, parse_args, quantize_model, residual_branches,
+                    rng_state, set_calibrating, set_lr, set_rng_state, setup)
 
 METHOD = method_name(__file__)  # the name of the runs: a renamed copy of this file is a new method
 GRID = {"kind": "zero-shot", "bits": [3, 4, 5], "supported_bits": [2, 3, 4, 5, 6, 7, 8], "year": 2025,
@@ -117,8 +117,8 @@ class BNStats:
 
     def _hook(self, module, inputs, output):
         if self.active:
-            x = full_precision(inputs[0])  # float32 statistics under --amp bf16
-            self.stats.append((module, x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)))
+            # float32 statistics under --amp bf16; the biased variance around the running mean (common.py)
+            self.stats.append((module, *batch_stats(full_precision(inputs[0]), module.running_mean)))
 
     def __call__(self):
         """(mean over BN layers of MSE(batch mean, running mean), the same for the variances); clears the stats."""

@@ -101,9 +101,9 @@ def measure_peak(a):
     return {dt: max(k.values()) for dt, k in kernels.items()}, kernels
 
 
-def run_method(m, tmp, teacher, a, flags, name):
-    """One short run of method m with `flags` (a list); its last (student) epoch's seconds per iteration, or the
-    run's last error line (a string) if it failed."""
+def run_method(m, tmp, teacher, a, flags, name, root=ROOT):
+    """One short run of method m with `flags` (a list), from the scripts in `root`; its last (student) epoch's seconds
+    per iteration, or the run's last error line (a string) if it failed."""
     b = PAPER_BATCH[m]
     if m in GENERATOR_METHODS:
         sched = ["--epochs", "3", "--warmup-epochs", "1", "--iters-per-epoch", str(a.iters)]
@@ -112,7 +112,7 @@ def run_method(m, tmp, teacher, a, flags, name):
     args = ["--data-dir", os.path.join(tmp, "data"), "--teacher", teacher, "--batch-size", str(b), "--device",
             a.device, "--threads", str(a.threads), "--out-dir", tmp, *sched, *METHOD_ARGS.get(m, lambda b: [])(b),
             *flags, "--run-name", name]
-    r = subprocess.run([sys.executable, f"{m}.py", *args], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, f"{m}.py", *args], cwd=root, capture_output=True, text=True,
                        env={**os.environ, "CLEANQD_OFFLINE": "1"})
     if r.returncode:
         return f"{m} {' '.join(flags)} failed: {r.stderr.strip().splitlines()[-1]}"
@@ -123,13 +123,21 @@ def run_method(m, tmp, teacher, a, flags, name):
 def side_by_side(a):
     """Eager against each flag set, per method: in every round each configuration runs once, back to back, in an
     order rotated by one from the previous round, so that a slow spell of a shared machine falls on all of them. The
-    ratio of a round is eager's time over the flag set's in that round; medians and min-max over the rounds."""
+    ratio of a round is eager's time over the flag set's in that round; medians and min-max over the rounds.
+    --baseline-root DIR: one more configuration, "baseline", eager from DIR's scripts (another checkout of the
+    project: an older commit), so that its ratio is what this checkout's code changes gained."""
     import statistics
     configs = [("eager", [])] + [(f.strip(), f.split()) for f in a.flag_sets.split(";") if f.strip()]
+    if a.baseline_root:
+        configs.append(("baseline", []))
+        git = subprocess.run(["git", "-C", a.baseline_root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True)
     res = {"machine": {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                        "device": a.device, "torch": torch.__version__, "python": platform.python_version(),
                        "threads": a.threads or torch.get_num_threads()},
            "iters": a.iters, "rounds": a.rounds, "date": time.strftime("%Y-%m-%d"), "methods": {}}
+    if a.baseline_root:
+        res["baseline"] = {"root": a.baseline_root, "commit": git.stdout.strip() or None}
     with tempfile.TemporaryDirectory() as tmp:
         write_data(os.path.join(tmp, "data"), n_train=max(PAPER_BATCH.values()) * a.iters)
         teacher = os.path.join(tmp, "teacher.pth")
@@ -139,7 +147,8 @@ def side_by_side(a):
             for r in range(a.rounds):
                 for k in range(len(configs)):
                     c, flags = configs[(k + r) % len(configs)]
-                    t = run_method(m, tmp, teacher, a, flags, f"{m}_{r}_{k}")
+                    t = run_method(m, tmp, teacher, a, flags, f"{m}_{r}_{k}",
+                                   a.baseline_root if c == "baseline" else ROOT)
                     if isinstance(t, str):
                         errors[c] = t
                         print(f"error: {t}", flush=True)
@@ -151,14 +160,19 @@ def side_by_side(a):
                 if len(ts) < a.rounds or len(times["eager"]) < a.rounds:
                     continue
                 out["s_per_iter"][c] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "all": ts}
-                if c != "eager":
+                if c == "baseline":  # what this checkout gained: the baseline's time over eager's
+                    ratios = [t / e for e, t in zip(times["eager"], ts)]
+                    out["speedup_over_baseline"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                                    "max": max(ratios)}
+                elif c != "eager":
                     ratios = [e / t for e, t in zip(times["eager"], ts)]
                     out["speedup"][c] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
             res["methods"][m] = out
             if "eager" in out["s_per_iter"]:
-                print(f"{m:6s} eager {out['s_per_iter']['eager']['median']:.3f} s/iter; " + "; ".join(
-                    f"{c}: x{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})" for c, v in out["speedup"].items()),
-                    flush=True)
+                print(f"{m:6s} eager {out['s_per_iter']['eager']['median']:.3f} s/iter" + "".join(
+                    f"; {c}: x{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})" for c, v in out["speedup"].items()) + (
+                    "; over the baseline: x{median:.2f} ({min:.2f}-{max:.2f})".format(**out["speedup_over_baseline"])
+                    if "speedup_over_baseline" in out else ""), flush=True)
             if a.json:  # after every method: a long measurement keeps what it has
                 with open(a.json, "w") as f:
                     json.dump(res, f, indent=1)
@@ -181,6 +195,9 @@ def main():
     p.add_argument("--flag-sets", default="--compile;--amp bf16;--compile --amp bf16",
                    help="--side-by-side: the flag sets compared with eager, separated by ';'")
     p.add_argument("--rounds", type=int, default=3, help="--side-by-side: rounds")
+    p.add_argument("--baseline-root", default=None, metavar="DIR",
+                   help="--side-by-side: also run eager from DIR's scripts (e.g. a `git worktree` of an older commit) "
+                        "and report this checkout's speedup over it")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -87,3 +87,29 @@ def test_generator_shapes_and_output_standardised():
     assert x.mean((0, 2, 3)).abs().max() < 1e-4
     assert ((x.var((0, 2, 3), unbiased=False) - 1).abs() < 1e-2).all()
     assert g.block1[1].eps == 0.8 and g.block2[1].eps == 0.8  # the reference's positional-eps quirk
+
+
+def test_batch_stats_values_and_one_pass_gradient():
+    """common.batch_stats: the values of the step-by-step expression bit for bit; its one-pass gradient against
+    autograd through that expression (float64), for a loss on the means only, the variances only and both."""
+    from common import batch_stats
+
+    def expression(x, c):
+        xc = x - c.view(1, -1, 1, 1)
+        d = xc.mean((0, 2, 3))
+        return d + c, (xc * xc).mean((0, 2, 3)) - d * d
+    torch.manual_seed(0)
+    x32 = (torch.randn(6, 3, 5, 4) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    c32 = torch.tensor([0.9, -0.2, 1.5])
+    assert all(torch.equal(a, b) for a, b in zip(batch_stats(x32, c32), expression(x32, c32)))
+    mean, var = batch_stats(x32.double(), c32.double())
+    assert torch.allclose(var, x32.double().var((0, 2, 3), unbiased=False))
+    assert torch.allclose(mean, x32.double().mean((0, 2, 3)))
+    x, c = x32.double().requires_grad_(True), c32.double()
+    w_m, w_v = torch.tensor([1.0, -2.0, 0.5]).double(), torch.tensor([0.3, 1.0, -4.0]).double()
+    for use in ("mean", "var", "both"):
+        losses = []
+        for m, v in (batch_stats(x, c), expression(x, c)):
+            losses.append((m * w_m).sum() * (use != "var") + ((v - 1) ** 2 * w_v).sum() * (use != "mean"))
+        g, g_ref = (torch.autograd.grad(loss, x)[0] for loss in losses)
+        assert torch.allclose(g, g_ref, rtol=1e-12, atol=1e-15) and g.abs().max() > 0
