@@ -1388,6 +1388,8 @@ def setup(args, evaluate_only=False):
     evaluate the teacher (a resumed run reads the figure from its checkpoint). evaluate_only (a script's `--epochs 0`)
     ends here with a summary. Returns (teacher, info, test, run, teacher_top1)."""
     seed_everything(args.seed, args.deterministic)
+    if torch.device(args.device).type == "cpu":
+        keep_freed_memory()  # large activations reused, not page-faulted in again at every iteration
     teacher, info = load_teacher(args.teacher, args.dataset, args.teacher_depth, arch=getattr(args, "arch", None))
     teacher = teacher.to(args.device, memory_format=torch.channels_last).requires_grad_(False)
     test = (ImageNetEval if args.dataset == "imagenet" else EvalData)(args, info)
@@ -1501,6 +1503,27 @@ def _bf16_forward(forward, device_type):
             out = forward(*a, **kw)
         return _to_float(out)
     return bf16_forward
+
+
+def keep_freed_memory(on=True):
+    """CPU speed, numerics untouched: glibc's malloc maps every block above its mmap threshold (at most 32 MB) afresh
+    and unmaps it on free, so a large activation (a 200 x 64 x 32² tensor is 52 MB; LRQ's attention maps more) is
+    page-faulted in again at every iteration. on=True: serve every block from the heap and keep freed memory for
+    reuse (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB: what jemalloc or tcmalloc by LD_PRELOAD also give); on=False: glibc's
+    defaults back. Returns whether it took effect (False where the C library is not glibc)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    ok = mallopt(m_mmap_max, 0 if on else 65536) == 1
+    ok = mallopt(m_trim_threshold, 2 ** 31 - 1 if on else 128 * 1024) == 1 and ok
+    if not on and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    return ok
 
 
 def cpu_model():

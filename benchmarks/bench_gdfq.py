@@ -20,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import CifarResNet, cpu_model, evaluate, quantize_model, set_calibrating  # noqa: E402
+from common import CifarResNet, cpu_model, evaluate, keep_freed_memory, quantize_model, set_calibrating  # noqa: E402
 from gdfq import BNStatsLoss, Generator, kd_loss  # noqa: E402
 
 
@@ -102,6 +102,7 @@ def main():
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    keep_freed_memory()  # glibc's malloc as the scripts set it on a CPU (common.setup)
     torch.manual_seed(0)
     teacher = CifarResNet(20, 10).eval().requires_grad_(False).to(memory_format=torch.channels_last)
     res = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), "bits": a.bits}

@@ -22,6 +22,10 @@ normalisation is timed separately.
 --variants adds our iteration with --compile and/or --amp bf16 (common.accelerate on the same models) to the same
 alternation; each variant's first, untimed round (torch.compile's compiling, when on) is reported on its own.
 
+The allocator is switched with the side: our scripts set glibc's malloc to keep freed memory (common.setup on a CPU:
+common.keep_freed_memory), so each of our turns runs that way and each reference turn with glibc's defaults, as in a
+process of its own.
+
 Per round, each side runs --iters iterations (per-iteration time = their mean) and one test pass; the figures are
 the median and the spread (min–max) over --rounds rounds, and the ratio is reference / ours per round.
 """
@@ -42,7 +46,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from common import CifarResNet, EvalData, accelerate, cpu_model, quantize_model, set_calibrating  # noqa: E402
+from common import (CifarResNet, EvalData, accelerate, cpu_model, keep_freed_memory, quantize_model,  # noqa: E402
+                    set_calibrating)
 from gdfq import BNStatsLoss, Generator, student_loss  # noqa: E402
 
 
@@ -179,7 +184,9 @@ def main():
         first = {v: timed(lambda: [o.iteration() for _ in range(a.iters)]) for v, o in ours.items()}  # compiles
         ref_t, our_t = [], {v: [] for v in ours}
         for _ in range(a.rounds):
+            keep_freed_memory(False)  # the reference with glibc's defaults, as in a process of its own
             ref_t.append(timed(lambda: trainer.train(1)) / a.iters)
+            keep_freed_memory(True)  # ours as our scripts run (common.setup on a CPU)
             for v, o in ours.items():
                 our_t[v].append(timed(lambda: [o.iteration() for _ in range(a.iters)]) / a.iters)
         for v in ours:
@@ -207,7 +214,9 @@ def main():
         prep.append(time.perf_counter() - t)
     ref_e, our_e = [], []
     for _ in range(a.eval_rounds):
+        keep_freed_memory(False)
         ref_e.append(timed(lambda: trainer.test(0)))
+        keep_freed_memory(True)
         our_e.append(timed(lambda: test.top1(student)))
     res["eval_10k"] = {"reference_s": summary(ref_e), "ours_s": summary(our_e), "ours_one_time_load_s": summary(prep),
                        "ratio": summary([r / o for r, o in zip(ref_e, our_e)]),

@@ -2,6 +2,7 @@
 path torch.compile uses, the fallback when compile is unavailable, and compiled steps against eager ones."""
 import copy
 import json
+import os
 import types
 
 import pytest
@@ -201,3 +202,27 @@ def test_foreach_optimizers_step_as_the_per_parameter_loop():
         for p, q in zip(*(m.parameters() for m in models)):
             assert torch.equal(p, q)
         assert not torch.equal(next(models[0].parameters()), next(base.parameters()))
+
+
+def test_keep_freed_memory_switches_glibc_malloc_and_back():
+    """common.setup keeps freed memory on a CPU (glibc: no mmap'd blocks, no trimming): a freed 64 MB tensor stays in
+    the process (its resident size does not drop) with it, and goes back to the OS with glibc's defaults."""
+    import platform
+    if platform.libc_ver()[0] != "glibc" or not os.path.isfile("/proc/self/statm"):
+        pytest.skip("not Linux glibc")
+
+    def freed_mb():
+        def rss():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        a = torch.ones(16 << 20)  # 64 MB, touched
+        before = rss()
+        del a
+        return before - rss()
+    try:
+        assert common.keep_freed_memory(True)
+        assert freed_mb() < 16
+        assert common.keep_freed_memory(False)
+        assert freed_mb() > 48
+    finally:
+        common.keep_freed_memory(False)

@@ -117,7 +117,7 @@ def test_upsample_conv_equals_interpolate_then_conv(channels_last):
     g = torch.randn_like(ref)
     params = (x, m.weight, m.bias)
     grads_ref = torch.autograd.grad(ref, params, g)
-    torch.full((3, 20, 5, 6), float("nan"))  # freed at once: NaNs where the backward allocates: it must zero what it skips
+    torch.full((3, 20, 5, 6), float("nan"))  # freed at once: NaNs where the backward allocates; it zeroes what it skips
     for a, b in zip(grads_ref, torch.autograd.grad(out, params, g)):
         assert torch.allclose(a, b, atol=1e-4)
 

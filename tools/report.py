@@ -258,7 +258,7 @@ def update_docs(docs_dir, groups):
         blocks = [(DOC_BEGIN, DOC_END, table, {"methods": {method} if method else None}),
                   (FIG_BEGIN, FIG_END, figures, {"method": method}) if method else None,
                   (COST_BEGIN, COST_END, cost_table, {}), (STAND_BEGIN, STAND_END, standings, {}),
-                  (SPEED_BEGIN, SPEED_END, speed_table, {})]
+                  (SPEED_BEGIN, SPEED_END, speed_table, {}), (ROOF_BEGIN, ROOF_END, roofline_table, {})]
         err, touched = None, False
         for begin, end, make, kwargs in filter(None, blocks):
             if begin in text and not err:
@@ -281,20 +281,68 @@ def speed_table(groups, path=SPEED_JSON):
         res = json.load(f)
     m = res["machine"]
     flags = [c for c, _ in sorted({c: 0 for r in res["methods"].values() for c in r["s_per_iter"]}.items())
-             if c != "eager"]
+             if c not in ("eager", "baseline")]
+    base = res.get("baseline")
     lines = [f"Measured {res['date']} on {m['cpu']} ({m['cpu_capability']}, {m['threads']} threads, torch "
              f"{m['torch']}), {res['rounds']} rounds of {res['iters']} student iterations per run, each method at its "
              "paper batch (`python benchmarks/bench_methods.py --side-by-side`, from "
              "`benchmarks/side_by_side_cpu.json`). Speedup: eager's time over the flag set's in the same round, "
-             "median (min-max over the rounds); above 1 is faster.", "",
-             "| method | batch | eager s/iter, median (min-max) | " + " | ".join(f"`{c}`" for c in flags) + " |",
-             "|---|---|---|" + "---|" * len(flags)]
+             "median (min-max over the rounds); above 1 is faster." + (
+                 f" Last column: the baseline checkout's eager time (commit {base['commit']}) over this code's, in "
+                 "the same rounds: what the code changes since gained." if base else ""), "",
+             "| method | batch | eager s/iter, median (min-max) | " + " | ".join(f"`{c}`" for c in flags) + " |"
+             + (f" eager over commit {base['commit']} |" if base else ""),
+             "|---|---|---|" + "---|" * (len(flags) + bool(base))]
+
+    def cell(v):
+        return f"x{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})"
     for name, r in res["methods"].items():
         e = r["s_per_iter"]["eager"]
-        cells = [f"x{r['speedup'][c]['median']:.2f} ({r['speedup'][c]['min']:.2f}-{r['speedup'][c]['max']:.2f})"
-                 if c in r["speedup"] else "failed: " + r.get("errors", {}).get(c, "not measured") for c in flags]
+        cells = [cell(r["speedup"][c]) if c in r["speedup"] else "failed: " + r.get("errors", {}).get(
+            c, "not measured") for c in flags]
+        if base:
+            cells.append(cell(r["speedup_over_baseline"]) if "speedup_over_baseline" in r else "not measured")
         lines.append(f"| {name} | {r['batch']} | {e['median']:.3f} ({e['min']:.3f}-{e['max']:.3f}) | "
                      + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+ROOF_BEGIN, ROOF_END = "<!-- roofline: tools/report.py --docs -->", "<!-- end roofline -->"
+ROOF_JSON = {kind: os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", name) for kind, name in
+             (("float32", "methods_cpu_amd.json"), ("bfloat16", "methods_cpu_amd_bf16.json"))}
+
+
+def roofline_table(groups, paths=None):
+    """Each method's iteration against the machine's peak (benchmarks/bench_methods.py's committed JSONs: eager
+    float32 against the float32 peak, --amp bf16 against the bfloat16 peak), and the 50 % goal per method."""
+    paths = paths or ROOF_JSON
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return "No roofline measurement is committed (" + ", ".join(
+            f"benchmarks/{os.path.basename(p)}" for p in paths.values()) + ")."
+    res = {k: json.load(open(p)) for k, p in paths.items()}
+    f32, b16 = res["float32"], res["bfloat16"]
+    m, pk = f32["machine"], {k: r["peak_flops"][k] / 1e9 for k, r in res.items()}
+    lines = [f"Measured {f32.get('date', '')} on {m['cpu']} ({m['cpu_capability']}, {m['threads']} threads, torch "
+             f"{m['torch']}), {f32['iters']} student iterations per timed epoch, each method at its paper batch "
+             "(`python benchmarks/bench_methods.py`, eager and `--extra=\"--amp bf16\"`; from "
+             f"`benchmarks/{os.path.basename(paths['float32'])}` and `benchmarks/{os.path.basename(paths['bfloat16'])}`"
+             f"). Peak: the better of a 2048² matmul and a large 3x3 convolution, float32 {pk['float32']:.0f} "
+             f"GFLOP/s, bfloat16 {pk['bfloat16']:.0f} GFLOP/s (matmul "
+             f"{f32['peak_kernels']['float32']['matmul'] / 1e9:.0f} and "
+             f"{b16['peak_kernels']['bfloat16']['matmul'] / 1e9:.0f}). FLOPs: convolutions and matrix products, "
+             "forward and backward (`benchmarks/flop_count.py`).", "",
+             "| method | batch | GFLOP / iteration | float32: s / iteration | GFLOP/s | of the float32 peak | "
+             "bf16: s / iteration | GFLOP/s | of the bfloat16 peak |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in (k for k in f32 if isinstance(f32[k], dict) and "batch" in f32[k]):
+        a, b = f32[name], b16.get(name, {})
+        row = [name, str(a["batch"]), f"{a['flops_per_iter'] / 1e9:.1f}" if "flops_per_iter" in a else "-"]
+        for r, kind in ((a, "fp32"), (b, "bf16")):
+            if "achieved_flops" in r:
+                row += [f"{r['s_per_iter']:.3f}", f"{r['achieved_flops'] / 1e9:.0f}",
+                        f"{100 * r[f'fraction_of_{kind}_peak']:.0f} %"]
+            else:
+                row += [f"{r['s_per_iter']:.3f}" if "s_per_iter" in r else "-", "-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
