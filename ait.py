@@ -288,14 +288,14 @@ if __name__ == "__main__":
     generator = (GeneratorImageNet if args.dataset == "imagenet" else Generator)(
         num_classes, args.latent_dim).to(device).train()
     bns_loss = BNStatsLoss(teacher)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999), foreach=True)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     # ALGO LOGIC: GI on the quantized weights (every conv and the FC weight); BN and the FC bias: plain SGD
     qweights = [m.weight for m in student.modules() if isinstance(m, (QConv2d, QLinear))]
     others = [p for p in student.parameters() if all(p is not q for q in qweights)]
     if args.no_gi:
         others, qweights = others + qweights, []
     opt_s = torch.optim.SGD(others, lr=args.lr_s, momentum=args.momentum, nesterov=True,
-                            weight_decay=args.weight_decay, foreach=True)
+                            weight_decay=args.weight_decay)
     opts = {"opt_s": opt_s, "opt_g": opt_g}
     if qweights:
         opts["opt_gi"] = GradientInundation(qweights, args.lr_s, args.wbits, args.passing_threshold, args.momentum,

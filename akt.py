@@ -264,9 +264,9 @@ if __name__ == "__main__":
         num_classes, args.latent_dim).to(device).train()
     bns_loss = BNStatsLoss(teacher)
     t_branches, s_branches = ResidualBranches(teacher), ResidualBranches(student)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999), foreach=True)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
-                            weight_decay=args.weight_decay, foreach=True)
+                            weight_decay=args.weight_decay)
     milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})

@@ -290,8 +290,7 @@ if __name__ == "__main__":
         a.requires_grad_(args.alpha_mode == "learned")
     others = [p for p in student.parameters() if all(p is not a for a in alphas)] + list(adapters.parameters())
     groups = [{"params": others}] + ([{"params": alphas, "weight_decay": args.alpha_weight_decay}] if alphas else [])
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay,
-                          foreach=True)
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, weight_decay=args.weight_decay)
     ffa_gen = torch.Generator(device).manual_seed(args.seed)  # FFA's own RNG (not the global one), on the device
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "adapters": adapters, "opt": opt, "ffa_gen": GeneratorState(ffa_gen)})

@@ -225,9 +225,9 @@ if __name__ == "__main__":
     generator = Generator(num_classes, args.latent_dim, 224 if args.dataset == "imagenet" else 32,  # ImageNet: 224x224
                           lka=not args.no_lka).to(device).train()
     bns_loss, t_fc = BNStatsLoss(teacher), classifier(teacher)  # t_fc: the teacher's classifier, for the margin
-    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999), foreach=True)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
-                            weight_decay=args.weight_decay, foreach=True)
+                            weight_decay=args.weight_decay)
     milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     progress = Progress(args, run, test, teacher_top1,
                         {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})

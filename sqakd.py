@@ -231,8 +231,8 @@ if __name__ == "__main__":
     student = build_student(args, teacher)
     qparams = [p for m in student.modules() if isinstance(m, UQConv2d) for p in m.quant_params()]
     mparams = [p for p in student.parameters() if all(p is not q for q in qparams)]
-    opt = torch.optim.Adam(mparams, lr=args.lr, weight_decay=args.weight_decay, foreach=True)
-    opt_q = torch.optim.Adam(qparams, lr=args.lr_q, weight_decay=0.0, foreach=True)
+    opt = torch.optim.Adam(mparams, lr=args.lr, weight_decay=args.weight_decay)
+    opt_q = torch.optim.Adam(qparams, lr=args.lr_q, weight_decay=0.0)
     progress = Progress(args, run, test, teacher_top1, {"student": student, "opt": opt, "opt_q": opt_q})
     accelerate(args, teacher, student)  # --amp bf16 / --compile, in place (common.py); off by default
     if progress.start_epoch == 0:

@@ -402,9 +402,9 @@ if __name__ == "__main__":
     generator = (GeneratorImageNet if args.dataset == "imagenet" else Generator)(
         num_classes, args.latent_dim).to(device).train()
     bn_stats, s_taps, t_taps = BNStats(teacher), Taps(student), Taps(teacher)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999), foreach=True)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=args.lr_g, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(student.parameters(), lr=args.lr_s, momentum=args.momentum, nesterov=True,
-                            weight_decay=args.weight_decay, foreach=True)
+                            weight_decay=args.weight_decay)
     milestones = lr_milestones(args.epochs, args.warmup_epochs, args.milestones, args.milestones_from)
     progress = Progress(args, run, test, teacher_top1,  # resumes all of these from the checkpoint with --resume
                         {"student": student, "generator": generator, "opt_s": opt_s, "opt_g": opt_g})

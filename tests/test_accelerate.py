@@ -183,27 +183,6 @@ def test_synq_amp_bf16_takes_grad_cam_through_the_bf16_activation(tiny_data, tea
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["final_top1"] is not None
 
 
-def test_foreach_optimizers_step_as_the_per_parameter_loop():
-    """The scripts build their SGD and Adam with foreach=True (one multi-tensor update instead of a loop over the
-    parameters): on a ResNet-20, 20 steps equal the per-parameter loop's bit for bit."""
-    torch.manual_seed(0)
-    base = common.CifarResNet(20, 10)
-    for cls, kw in ((torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)),
-                    (torch.optim.Adam, dict(lr=1e-3, betas=(0.5, 0.999), weight_decay=1e-4))):
-        models = [copy.deepcopy(base) for _ in range(2)]
-        opts = [cls(m.parameters(), foreach=f, **kw) for m, f in zip(models, (False, True))]
-        for step in range(20):
-            gen = torch.Generator().manual_seed(step)
-            grads = [torch.randn(p.shape, generator=gen) for p in base.parameters()]
-            for m, opt in zip(models, opts):
-                for p, g in zip(m.parameters(), grads):
-                    p.grad = g.clone()
-                opt.step()
-        for p, q in zip(*(m.parameters() for m in models)):
-            assert torch.equal(p, q)
-        assert not torch.equal(next(models[0].parameters()), next(base.parameters()))
-
-
 def test_keep_freed_memory_switches_glibc_malloc_and_back():
     """common.setup keeps freed memory on a CPU (glibc: no mmap'd blocks, no trimming): a freed 64 MB tensor stays in
     the process (its resident size does not drop) with it, and goes back to the OS with glibc's defaults."""
