@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT, random_teacher, run_script
 
 from faqd import FAQDReLU, fa_loss, ffa_loss, project_weight
-from sqakd import UQConv2d, build_student, discretise, initialise, kd_loss
+from sqakd import UQConv2d, build_student, discretise, initialise, kd_loss, unified
 
 
 def test_fa_hand_value():
@@ -104,6 +104,49 @@ def test_discretise_levels_and_gradient_scaling():
     discretise(xn, 2, 0.5).backward(g)
     expect = g * (1 + 0.5 * torch.sign(g) * (xn.detach() - xq.detach()))
     assert torch.allclose(xn.grad, expect) and not torch.allclose(expect, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("delta", [0.0, 0.2])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_unified_equals_the_plain_chain(bits, delta, dtype):
+    """unified() is one autograd function: its values and its gradient to x equal the plain chain
+    discretise(clamp((x - lo) / (hi - lo), 0, 1)) through autograd bit for bit, the gradients of lo and hi to float
+    rounding; in both memory formats, with values on the grid's edges."""
+    torch.manual_seed(bits)
+    lo, hi = torch.tensor(-0.3, dtype=dtype), torch.tensor(1.7, dtype=dtype)
+    x = torch.randn(6, 5, 4, 4, dtype=dtype) * 2
+    x.view(-1)[:6] = torch.tensor([-0.3, 1.7, 0.0, -5.0, 5.0, 0.7], dtype=dtype)  # on lo, on hi, ...
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = x.contiguous(memory_format=fmt)
+        g = torch.randn(6, 5, 4, 4, dtype=dtype)
+        grads = []
+        for fused in (False, True):
+            xs, los, his = (t.clone().requires_grad_() for t in (x, lo, hi))
+            out = unified(xs, los, his, bits, delta) if fused else \
+                discretise(((xs - los) / (his - los)).clamp(0, 1), bits, delta)
+            grads.append((out, *torch.autograd.grad(out, (xs, los, his), g)))
+        (o0, gx0, glo0, ghi0), (o1, gx1, glo1, ghi1) = grads
+        assert torch.equal(o0, o1) and torch.equal(gx0, gx1)
+        assert gx1.is_contiguous(memory_format=fmt)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert torch.allclose(glo1, glo0, rtol=tol, atol=tol) and torch.allclose(ghi1, ghi0, rtol=tol, atol=tol)
+        assert glo0 != 0 and ghi0 != 0  # the ranges do get a gradient
+
+
+def test_unified_gradient_on_the_edges_and_nan():
+    """The range's edges (t = 0, t = 1) and values outside get no gradient to x; a NaN input propagates to the
+    range's gradients and gets none itself, as through the plain chain."""
+    x = torch.tensor([-1.0, 0.0, 0.5, 2.0, 3.0, float("nan")], requires_grad=True)
+    lo, hi = torch.tensor(0.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    out = unified(x, lo, hi, 2, 0.0)
+    assert torch.equal(out[:5], torch.tensor([0.0, 0.0, 1 / 3, 1.0, 1.0])) and out[5].isnan()
+    gx, glo, ghi = torch.autograd.grad(out, (x, lo, hi), torch.ones(6))
+    assert torch.equal(gx, torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0, 0.0]))  # 1 / (hi - lo) strictly inside only
+    assert glo.isnan() and ghi.isnan()
+    x2 = x.detach()[:5].requires_grad_()
+    gx, glo, ghi = torch.autograd.grad(unified(x2, lo, hi, 2, 0.0), (x2, lo, hi), torch.ones(5))
+    assert glo.item() == (0.25 - 1) / 2 and ghi.item() == -0.25 / 2  # t = 0.25 for the one input inside
 
 
 @pytest.mark.parametrize("method", ["ewgs", "pact", "lsq", "dorefa"])
