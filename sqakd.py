@@ -89,9 +89,10 @@ def discretise(xn, bits, delta=0.0):
 class _Unified(torch.autograd.Function):
     """discretise(clamp((x - lo) / (hi - lo), 0, 1)) as one function, for per-tensor (0-dim) lo and hi: the same
     values as that chain, bit for bit; the gradients of x, lo and hi in a few passes over x instead of the ten or so
-    of autograd's graph of the chain (x's bit for bit, lo's and hi's equal to float rounding). The clamp passes
-    gradient where 0 < t < 1, as clamp(t, 0, 1)'s own gradient does in torch 2.14 (some releases also pass it at t = 0 and 1). With t = (x - lo) / r, r = hi - lo and g the
-    gradient reaching t (zero where the clamp clipped): dx = g / r, dlo = sum(g (t - 1)) / r, dhi = -sum(g t) / r."""
+    of autograd's graph of the chain (x's bit for bit, lo's and hi's equal to float rounding). With t = (x - lo) / r,
+    r = hi - lo and g the gradient reaching t, zero where the clamp clipped: dx = g / r, dlo = sum(g (t - 1)) / r,
+    dhi = -sum(g t) / r. The clamp passes gradient where 0 < t < 1, as clamp(t, 0, 1)'s own gradient does in torch
+    2.14 (some releases also pass it at t = 0 and 1 exactly)."""
 
     @staticmethod
     def forward(ctx, x, lo, hi, bits, delta):
