@@ -117,25 +117,29 @@ class ProjConv2d(nn.Conv2d):
 
 
 class _QReLU(torch.autograd.Function):
+    """Forward: a * ceil(x / a) on (0, a(L-1)], L a above, 0 for x <= 0 (and NaN), as the reference's two nested
+    `where`s compute it, bit for bit, written without `where` (on a CPU a scalar loop, far slower than arithmetic;
+    docs/speed.md): the code ceil(x / a) is raised to L above a(L-1), to 0 (+0) below 0, clamped to L, NaN to 0.
+    Backward: the straight-through mask on (0, aL]; the step's gradient by the reference's 'mean' rule."""
+
     @staticmethod
     def forward(ctx, x, alpha, bits, rate):
         a, L = alpha.clamp(1e-3, 5), 2 ** bits - 1
-        out = torch.where(x > a * (L - 1), a * L, torch.ceil(x / a) * a)
-        out = torch.where(x > 0, out, torch.zeros_like(out))
+        code = torch.div(x, a).ceil_()
+        code = torch.maximum(code, torch.mul(x > a * (L - 1), float(L)), out=code).clamp_max_(L).nan_to_num_(0.0)
         ctx.save_for_backward(x, a)
         ctx.bits, ctx.rate = bits, rate
-        return out
+        return code.mul_(a)
 
     @staticmethod
     def backward(ctx, g):
         x, a = ctx.saved_tensors
         L = 2 ** ctx.bits - 1
-        inside = (x > 0) & (x <= a * L)
-        grad_x = g * inside
+        top = x > a * L
+        grad_x = g * ((x > 0) & ~top)  # passes on (0, aL]
         # reference 'mean' rule: d/d alpha = 2^(b-1) inside (0, aL], L above; x rate, clamped to +-1
-        g0 = torch.where(inside, 2.0 ** (ctx.bits - 1), torch.where(x > a * L, float(L), 0.0))
-        grad_a = ((g * g0).sum() * ctx.rate).clamp(-1, 1).reshape(1)
-        return grad_x, grad_a, None, None
+        grad_a = (grad_x.sum() * 2.0 ** (ctx.bits - 1) + (g * top).sum() * L) * ctx.rate
+        return grad_x, grad_a.clamp(-1, 1).reshape(1), None, None
 
 
 class FAQDReLU(nn.Module):

@@ -89,10 +89,10 @@ def discretise(xn, bits, delta=0.0):
 class _Unified(torch.autograd.Function):
     """discretise(clamp((x - lo) / (hi - lo), 0, 1)) as one function, for per-tensor (0-dim) lo and hi: the same
     values as that chain, bit for bit; the gradients of x, lo and hi in a few passes over x instead of the ten or so
-    of autograd's graph of the chain (x's bit for bit, lo's and hi's equal to float rounding). With t = (x - lo) / r,
-    r = hi - lo and g the gradient reaching t, zero where the clamp clipped: dx = g / r, dlo = sum(g (t - 1)) / r,
-    dhi = -sum(g t) / r. The clamp passes gradient where 0 < t < 1, as clamp(t, 0, 1)'s own gradient does in torch
-    2.14 (some releases also pass it at t = 0 and 1 exactly)."""
+    of autograd's graph of the chain, without its `where` (x's gradient equal but for the sign of zeros, lo's and
+    hi's to float rounding). With t = (x - lo) / r, r = hi - lo and g the gradient reaching t, zero where the clamp
+    clipped: dx = g / r, dlo = sum(g (t - 1)) / r, dhi = -sum(g t) / r. The clamp passes gradient where 0 < t < 1,
+    as clamp(t, 0, 1)'s own gradient does in torch 2.14 (some releases also pass it at t = 0 and 1 exactly)."""
 
     @staticmethod
     def forward(ctx, x, lo, hi, bits, delta):
@@ -109,7 +109,7 @@ class _Unified(torch.autograd.Function):
         xn, r, err = ctx.saved_tensors
         if ctx.delta:  # the discretiser's scaled gradient, as _Discretise
             g = g * (1 + ctx.delta * torch.sign(g) * err)
-        g = torch.where((xn > 0) & (xn < 1), g, 0)  # the clamp passes gradient strictly inside (NaN: none)
+        g = ((xn > 0) & (xn < 1)) * g  # the clamp passes gradient strictly inside (not `where`: slow on a CPU)
         need_x, need_lo, need_hi = ctx.needs_input_grad[:3]
         gt = _dot(g, xn) if need_lo or need_hi else None  # sum(g t): t = xn where g is not zero
         grad_lo = (gt - g.sum()) / r if need_lo else None

@@ -93,6 +93,33 @@ def test_faqd_quantized_relu_levels_and_gradients():
     assert abs(q.alpha.grad.item() - 0.13) < 1e-6
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_faqd_relu_equals_the_reference_expression(bits):
+    """FAQD's quantized ReLU is written without `where`: its output (sign of zero included) and input gradient equal
+    the reference's expression bit for bit, the step's gradient to float rounding, on random inputs, the values
+    around the two thresholds a(L-1) and aL, zeros, infinities, tiny and NaN inputs."""
+    torch.manual_seed(bits)
+    q = FAQDReLU(bits, rate=1e-7)  # small rate: the step's gradient stays inside its +-1 clamp
+    a, L = q.alpha.detach().clamp(1e-3, 5), 2 ** bits - 1
+    x = torch.randn(6000, dtype=torch.float32) * 3 * a * L
+    edges = [float(v) for v in (a * (L - 1), a * L, a, 2 * a, -0.5 * a)]
+    x[:9] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -1e-40, 1e-30, -1e-30])
+    x[9:14] = torch.tensor(edges)
+    for i, e in enumerate(edges[:2]):  # 1000 consecutive-ish floats across each threshold
+        x[14 + 1000 * i:1014 + 1000 * i] = torch.linspace(e * (1 - 1e-5), e * (1 + 1e-5), 1000)
+    x = x.view(10, 15, 8, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(10, 15, 8, 5)
+    out = q(x)
+    expect = torch.where(x > a * (L - 1), a * L, torch.ceil(x / a) * a)
+    expect = torch.where(x > 0, expect, torch.zeros_like(expect))
+    assert torch.equal(out, expect) and torch.equal(out.signbit(), expect.signbit())
+    gx, ga = torch.autograd.grad(out, (x, q.alpha), g)
+    inside = (x > 0) & (x <= a * L)
+    assert torch.equal(gx, g * inside)
+    g0 = torch.where(inside, 2.0 ** (bits - 1), torch.where(x > a * L, float(L), 0.0))
+    assert torch.allclose(ga, (g * g0).sum().reshape(1) * 1e-7, rtol=1e-5, atol=0)
+
+
 def test_discretise_levels_and_gradient_scaling():
     xn = torch.tensor([0.0, 0.1, 0.2, 0.5, 0.9, 1.0], requires_grad=True)
     xq = discretise(xn, 2)  # grid k/3
@@ -110,8 +137,8 @@ def test_discretise_levels_and_gradient_scaling():
 @pytest.mark.parametrize("delta", [0.0, 0.2])
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_unified_equals_the_plain_chain(bits, delta, dtype):
-    """unified() is one autograd function: its values and its gradient to x equal the plain chain
-    discretise(clamp((x - lo) / (hi - lo), 0, 1)) through autograd bit for bit, the gradients of lo and hi to float
+    """unified() is one autograd function: its values and its gradient to x equal (torch.equal) the plain chain
+    discretise(clamp((x - lo) / (hi - lo), 0, 1)) through autograd, the gradients of lo and hi to float
     rounding; in both memory formats, with values on the grid's edges."""
     torch.manual_seed(bits)
     lo, hi = torch.tensor(-0.3, dtype=dtype), torch.tensor(1.7, dtype=dtype)
