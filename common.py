@@ -351,82 +351,28 @@ class CifarResNet(nn.Module):
         return self.fc(pool), {"stages": stages, "pool": pool}
 
 
-def _phase_view(t, co, h, w, phases):
-    """View of t as [B, Co, H, 2, W, 2]. phases=True: t is the 4-phase conv output [B, 4*Co, H+1, W+1] and
-    element (i, a, j, c) is phase (a, c) at row i + a, column j + c; else t is [B, Co, 2H, 2W]."""
-    sb, sc, sh, sw = t.stride()
-    if phases:
-        stride = (sb, sc, sh, 2 * co * sc + sh, sw, co * sc + sw)
-    else:
-        stride = (sb, sc, 2 * sh, sh, 2 * sw, sw)
-    return t.as_strided((t.shape[0], co, h, 2, w, 2), stride, t.storage_offset())
-
-
-def _copy_phases(dst, src):
-    """dst.copy_(src) for two [B, Co, H, 2, W, 2] phase views, one (a, c) phase at a time: four 4-d copies whose
-    channels stay contiguous in channels_last memory, faster than one 6-d copy (docs/speed.md's records)."""
-    for a in (0, 1):
-        for c in (0, 1):
-            dst[:, :, :, a, :, c].copy_(src[:, :, :, a, :, c])
-
-
-class _Interleave(torch.autograd.Function):
-    """[B, 4*Co, H+1, W+1] phase outputs -> [B, Co, 2H, 2W] image, keeping the input's memory format."""
-
-    @staticmethod
-    def forward(ctx, y, co):
-        b, _, h1, w1 = y.shape
-        ctx.shape, ctx.co = y.shape, co
-        fmt = torch.channels_last if y.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        out = torch.empty((b, co, 2 * (h1 - 1), 2 * (w1 - 1)), dtype=y.dtype, device=y.device, memory_format=fmt)
-        _copy_phases(_phase_view(out, co, h1 - 1, w1 - 1, False), _phase_view(y, co, h1 - 1, w1 - 1, True))
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        b, c4, h1, w1 = ctx.shape
-        co, h, w = ctx.co, h1 - 1, w1 - 1
-        fmt = torch.channels_last if g.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        gy = torch.empty(ctx.shape, dtype=g.dtype, device=g.device, memory_format=fmt)
-        _copy_phases(_phase_view(gy, co, h, w, True), _phase_view(g, co, h, w, False))
-        for a in (0, 1):  # zeros where no output read: phase (a, c)'s row h (a = 0) or 0, its column w (c = 0) or 0
-            for c in (0, 1):
-                block = gy[:, (2 * a + c) * co:(2 * a + c + 1) * co]
-                block[:, :, h if a == 0 else 0].zero_()
-                block[:, :, :, w if c == 0 else 0].zero_()
-        return gy, None
-
-
-def _interleave_traceable(y, co):
-    """_Interleave's forward from slices and stacks (same values): what torch.compile traces (--compile), as it
-    cannot trace a copy into strided views; autograd derives the backward."""
-    h, w = y.shape[2] - 1, y.shape[3] - 1
-    phase = [[y[:, (2 * a + c) * co:(2 * a + c + 1) * co, a:a + h, c:c + w] for c in (0, 1)] for a in (0, 1)]
-    out = torch.stack([torch.stack(phase[a], -1) for a in (0, 1)], 3)  # [B, Co, H, 2, W, 2]
-    return out.reshape(y.shape[0], co, 2 * h, 2 * w)
+# A 3x3 tap d (0, 1, 2) of the conv on the upsampled grid lands on tap k (0..3) of a stride-2 transposed conv of the
+# low-resolution input: output row 2i reads input rows i-1 (tap 3 = w0) and i (tap 1 = w1 + w2), row 2i+1 reads rows
+# i (tap 2 = w0 + w1) and i+1 (tap 0 = w2). Row k of this matrix lists the 3x3 taps that sum into tap k.
+_UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 
 
 class UpsampleConv3x3(nn.Conv2d):
     """Nearest x2 upsampling followed by a 3x3 conv (padding 1), computed without the upsampled tensor.
 
     Same parameters and the same function as `Conv2d(cin, cout, 3, padding=1)(interpolate(x, scale_factor=2))`
-    (equal to float rounding): each of the 4 output phases (row parity a, column parity c) is a 2x2 conv of the
-    low-res input whose taps are sums of the 3x3 taps, e.g. even rows read rows (i-1, i) with (w0, w1 + w2), odd
-    rows read (i, i+1) with (w0 + w1, w2). 16 taps per 4 outputs instead of 36: about 2x fewer FLOPs."""
+    (equal to float rounding): one stride-2 transposed conv of the low-res input with 4x4 taps that are sums of the
+    3x3 taps (_UPSAMPLE_TAPS), 16 taps per 4 outputs instead of 36: about 2x fewer FLOPs. The bias is added
+    apart: oneDNN's bias gradient of a transposed conv costs about as much as the conv (docs/speed.md)."""
 
     def __init__(self, cin, cout, bias=True):
         super().__init__(cin, cout, 3, 1, 1, bias=bias)
 
     def forward(self, x):
-        w, co = self.weight, self.out_channels
-        r = torch.stack([torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),  # even output rows
-                         torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)])  # odd output rows
-        k = torch.stack([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1),  # even output columns
-                         torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1)], 1)  # [2, 2, Co, Ci, 2, 2]
-        k = k.reshape(4 * co, -1, 2, 2).contiguous(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)  # channels_last is faster on CPU (oneDNN) and GPU
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), k)
-        out = _interleave_traceable(y, co) if torch.compiler.is_compiling() else _Interleave.apply(y, co)
+        a = self.weight.new_tensor(_UPSAMPLE_TAPS)
+        k = torch.einsum("kd,oide,le->iokl", a, self.weight, a)  # [Ci, Co, 4, 4], conv_transpose2d's layout
+        k = k.contiguous(memory_format=torch.channels_last)  # channels_last is faster on CPU (oneDNN) and GPU
+        out = F.conv_transpose2d(x.contiguous(memory_format=torch.channels_last), k, stride=2, padding=1)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 

@@ -13,31 +13,12 @@ from conftest import ROOT, run_script
 from test_gdfq_cli import TINY
 
 import common
-from common import QuantReLU, _Interleave, _interleave_traceable, accelerate, quantize_model, set_calibrating
+from common import QuantReLU, accelerate, quantize_model, set_calibrating
 from gdfq import BNStatsLoss, Generator, student_loss
 
 
 def flags(**kw):
     return types.SimpleNamespace(**{"device": "cpu", "compile": False, "amp": "off", **kw})
-
-
-def test_traceable_interleave_gives_the_same_values_and_gradients():
-    y = torch.randn(3, 4 * 5, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
-    a, b = _Interleave.apply(y, 5), _interleave_traceable(y, 5)
-    assert a.shape == (3, 5, 12, 16) and torch.equal(a, b)
-    g = torch.randn_like(a)
-    assert torch.equal(torch.autograd.grad(a, y, g)[0], torch.autograd.grad(b, y, g)[0])
-    # and both are the upsample + 3x3 conv they replace
-    up = common.UpsampleConv3x3(4, 5)
-    x = torch.randn(2, 4, 6, 6)
-    ref = F.conv2d(F.interpolate(x, scale_factor=2), up.weight, up.bias, padding=1)
-    w, co = up.weight, 5
-    r = torch.stack([torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
-                     torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)])
-    k = torch.stack([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1),
-                     torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1)], 1).reshape(4 * co, -1, 2, 2)
-    out = _interleave_traceable(F.conv2d(F.pad(x, (1, 1, 1, 1)), k), co) + up.bias.view(1, -1, 1, 1)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def gdfq_models(seed=0):
