@@ -452,7 +452,7 @@ if __name__ == "__main__":
             x = low_pass(torch.where(flip[:, None, None, None], x.flip(3), x), args.d_zero)
             loss, parts = finetune_losses(args, student, teacher, s_taps, t_taps, x, labels[idx])
             opt_s.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward(inputs=list(student.parameters()))  # not on to the images through the teacher: unused
             opt_s.step()
             progress.add("losses/loss_S", loss)
             for k, v in parts.items():
@@ -467,6 +467,6 @@ if __name__ == "__main__":
                      "then fixed and clamped)", "activation_ranges": f"{args.act_ema} EMA",
         "train_data": f"synthetic: {args.num_images} images x {args.syn_iters} Adam steps, then fixed",
         "iterations": args.epochs * args.iters_per_epoch, "batch": args.batch_size,
-        "teacher_passes_per_iteration": "fine-tuning: 2 forward (clean with input gradient, perturbed), backward "
-                                        "to the input twice (perturbation, Grad-CAM); synthesis: "
+        "teacher_passes_per_iteration": "fine-tuning: 2 forward (clean with input gradient, perturbed), 1 backward "
+                                        "to the input (the perturbation), Grad-CAM's to the last conv; synthesis: "
                                         f"{args.num_images * args.syn_iters} image forward+backward in all"})

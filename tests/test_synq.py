@@ -58,6 +58,35 @@ def test_fa_loss_sums_layer_mses_of_normalised_channel_attention():
     assert torch.allclose(synq.fa_loss(a, b), by_hand)
 
 
+def test_the_step_backward_to_the_student_parameters_equals_the_full_backward():
+    """The fine-tuning step's backward stops at the student's parameters: the same gradients, bit for bit, as the
+    backward that runs on through the teacher to the images (whose gradient nothing reads); every trainable
+    parameter gets one."""
+    from types import SimpleNamespace
+
+    import common
+    torch.manual_seed(0)
+    teacher = random_teacher(10)
+    args = SimpleNamespace(wbits=4, abits=4, act_ema="plain", tau=0.5, temperature=20.0, kd_alpha=20.0,
+                           lambda_ce=1.0, lambda_fa=4000.0, eps=0.01, fa_pert=0, lambda_pert=1.0, lambda_cam=100.0)
+    student = synq.build_student(args, teacher)
+    x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    common.set_calibrating(student, True)
+    with torch.no_grad():
+        student(x)
+    common.set_calibrating(student, False)
+    s_taps, t_taps = synq.Taps(student), synq.Taps(teacher)
+    grads = []
+    for restrict in (False, True):
+        student.zero_grad(set_to_none=True)
+        xs = x.clone()
+        loss, _ = synq.finetune_losses(args, student, teacher, s_taps, t_taps, xs, y)
+        loss.backward(inputs=list(student.parameters())) if restrict else loss.backward()
+        assert (xs.grad is None) == restrict
+        grads.append([p.grad for p in student.parameters()])
+    assert all(a is not None and torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_variant_names_the_switched_off_terms():
     assert synq.variant({"lambda_ce": 0.5, "lambda_cam": 50, "lambda_pert": 1, "lambda_fa": 4000, "d_zero": 80}) \
         == "synq"
