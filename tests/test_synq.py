@@ -58,6 +58,23 @@ def test_fa_loss_sums_layer_mses_of_normalised_channel_attention():
     assert torch.allclose(synq.fa_loss(a, b), by_hand)
 
 
+@pytest.mark.parametrize("hw", [(32, 32), (8, 8), (7, 5)])
+def test_channel_attention_gradient_equals_autograds(hw):
+    """The FA's channel attention has its own one-pass backward: the same value and gradient as autograd's graph of
+    F.normalize(f.pow(2).mean((2, 3))), bit for bit when HW is a power of two, to float rounding otherwise."""
+    torch.manual_seed(0)
+    f = torch.randn(4, 6, *hw).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(4, 6)
+    a = synq.channel_attention(f)
+    b = F.normalize(f.pow(2).mean((2, 3)), dim=1)
+    ga, gb = (torch.autograd.grad(t, f, g)[0] for t in (a, b))
+    assert torch.equal(a, b)
+    if hw[0] * hw[1] in (1024, 64):
+        assert torch.equal(ga, gb)
+    else:
+        assert torch.allclose(ga, gb, rtol=1e-6, atol=1e-7) and ga.abs().max() > 0
+
+
 def test_the_step_backward_to_the_student_parameters_equals_the_full_backward():
     """The fine-tuning step's backward stops at the student's parameters: the same gradients, bit for bit, as the
     backward that runs on through the teacher to the images (whose gradient nothing reads); every trainable
