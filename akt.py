@@ -197,14 +197,37 @@ class ResidualBranches:
 
 
 # ALGO LOGIC: refined feature distillation (RFD)
+class _SquareMeans(torch.autograd.Function):
+    """(f².mean over H, W; f².mean over C) from one f², with the gradient in two passes over f, 2 f g_ch / HW +
+    2 f g_sp / C (autograd's graphs of the two means take about seven); bit for bit autograd's where C and HW are
+    powers of two (CIFAR), to float rounding otherwise."""
+
+    @staticmethod
+    def forward(ctx, f):
+        ctx.save_for_backward(f)
+        sq = f.pow(2)
+        return sq.mean((2, 3)), sq.mean(1)
+
+    @staticmethod
+    def backward(ctx, g_ch, g_sp):
+        f, = ctx.saved_tensors
+        b, c, h, w = f.shape
+        return torch.mul(f, (g_ch * (2 / (h * w)))[:, :, None, None]).add_(f * (g_sp * (2 / c))[:, None])
+
+
+def attentions(f):
+    """(channel attention: softmax over channels of the spatial mean of f^2, [B, C]; spatial attention: the
+    L2-normalised (over positions) channel mean of f^2, [B, H*W])."""
+    ch, sp = _SquareMeans.apply(f)
+    return F.softmax(ch, dim=1), F.normalize(sp.flatten(1), dim=1)
+
+
 def channel_attention(f):
-    """softmax over channels of the spatial mean of f^2: [B, C]."""
-    return F.softmax(f.pow(2).mean((2, 3)), dim=1)
+    return attentions(f)[0]
 
 
 def spatial_attention(f):
-    """L2-normalised (over positions) channel mean of f^2: [B, H*W]."""
-    return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+    return attentions(f)[1]
 
 
 def kl_soft(a_s, a_t, temperature):
@@ -215,9 +238,8 @@ def rfd_loss(feats_s, feats_t, temperature=8.0):
     """Sum over the residual-branch outputs of KL(channel attention) + KL(spatial attention); teacher detached."""
     loss = 0.0
     for fs, ft in zip(feats_s, feats_t):
-        ft = ft.detach()
-        loss = loss + kl_soft(channel_attention(fs), channel_attention(ft), temperature)
-        loss = loss + kl_soft(spatial_attention(fs), spatial_attention(ft), temperature)
+        (ch_s, sp_s), (ch_t, sp_t) = attentions(fs), attentions(ft.detach())
+        loss = loss + kl_soft(ch_s, ch_t, temperature) + kl_soft(sp_s, sp_t, temperature)
     return loss
 
 

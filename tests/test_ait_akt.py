@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, assert_teacher_acc_gen, run_script
 
 from ait import GradientInundation
-from akt import adadfq_generator_loss, adadfq_student_loss, channel_attention, rfd_loss, spatial_attention
+from akt import adadfq_generator_loss, adadfq_student_loss, attentions, channel_attention, rfd_loss, spatial_attention
 from common import weight_codes
 
 
@@ -89,6 +90,25 @@ def test_attention_maps_hand_values():
     # spatial: mean_C f^2 = [2.5, 4.5] -> L2 normalised
     n = math.hypot(2.5, 4.5)
     assert torch.allclose(spatial_attention(f), torch.tensor([[2.5 / n, 4.5 / n]]))
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 32, 32), (3, 64, 8, 8), (3, 6, 7, 5)])
+def test_attentions_gradient_equals_autograds(shape):
+    """RFD's two attentions share one f^2 and one backward: the same values and gradient as autograd's graph of the
+    plain expressions, bit for bit where C and HW are powers of two, to float rounding otherwise."""
+    torch.manual_seed(0)
+    f = torch.randn(*shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g_ch, g_sp = torch.randn(shape[:2]), torch.randn(shape[0], shape[2] * shape[3])
+    ch, sp = attentions(f)
+    ch0 = F.softmax(f.pow(2).mean((2, 3)), dim=1)
+    sp0 = F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+    assert torch.equal(ch, ch0) and torch.equal(sp, sp0)
+    ga = torch.autograd.grad((ch * g_ch).sum() + (sp * g_sp).sum(), f)[0]
+    gb = torch.autograd.grad((ch0 * g_ch).sum() + (sp0 * g_sp).sum(), f)[0]
+    if shape[1] in (16, 64):
+        assert torch.equal(ga, gb)
+    else:
+        assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-8) and ga.abs().max() > 0
 
 
 def test_rfd_hand_value_zero_and_gradients():
