@@ -89,8 +89,8 @@ def discretise(xn, bits, delta=0.0):
 class _Unified(torch.autograd.Function):
     """discretise(clamp((x - lo) / (hi - lo), 0, 1)) as one function, for per-tensor (0-dim) lo and hi: the same
     values as that chain, bit for bit; the gradients of x, lo and hi in a few passes over x instead of the ten or so
-    of autograd's graph of the chain, without its `where` (x's gradient equal but for the sign of zeros, lo's and
-    hi's to float rounding). With t = (x - lo) / r, r = hi - lo and g the gradient reaching t, zero where the clamp
+    of autograd's graph of the chain, without its slow `where` (x's gradient bit for bit but at a NaN input, lo's
+    and hi's to float rounding). With t = (x - lo) / r, r = hi - lo and g the gradient reaching t, zero where the clamp
     clipped: dx = g / r, dlo = sum(g (t - 1)) / r, dhi = -sum(g t) / r. The clamp passes gradient where 0 < t < 1,
     as clamp(t, 0, 1)'s own gradient does in torch 2.14 (some releases also pass it at t = 0 and 1 exactly)."""
 
@@ -109,7 +109,8 @@ class _Unified(torch.autograd.Function):
         xn, r, err = ctx.saved_tensors
         if ctx.delta:  # the discretiser's scaled gradient, as _Discretise
             g = g * (1 + ctx.delta * torch.sign(g) * err)
-        g = ((xn > 0) & (xn < 1)) * g  # the clamp passes gradient strictly inside (not `where`: slow on a CPU)
+        # the clamp passes gradient where 0 < xn < 1: two vectorised masks (`where` and bool products are slow here)
+        g = torch.ops.aten.threshold_backward(torch.ops.aten.threshold_backward(g, xn, 0.0), xn.neg(), -1.0)
         need_x, need_lo, need_hi = ctx.needs_input_grad[:3]
         gt = _dot(g, xn) if need_lo or need_hi else None  # sum(g t): t = xn where g is not zero
         grad_lo = (gt - g.sum()) / r if need_lo else None
