@@ -367,9 +367,10 @@ class UpsampleConv3x3(nn.Conv2d):
 
     def __init__(self, cin, cout, bias=True):
         super().__init__(cin, cout, 3, 1, 1, bias=bias)
+        self.register_buffer("taps", torch.tensor(_UPSAMPLE_TAPS), persistent=False)  # moves with the module
 
     def forward(self, x):
-        a = self.weight.new_tensor(_UPSAMPLE_TAPS)
+        a = self.taps.to(self.weight.dtype)
         k = torch.einsum("kd,oide,le->iokl", a, self.weight, a)  # [Ci, Co, 4, 4], conv_transpose2d's layout
         k = k.contiguous(memory_format=torch.channels_last)  # channels_last is faster on CPU (oneDNN) and GPU
         out = F.conv_transpose2d(x.contiguous(memory_format=torch.channels_last), k, stride=2, padding=1)

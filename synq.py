@@ -482,6 +482,6 @@ if __name__ == "__main__":
                      "then fixed and clamped)", "activation_ranges": f"{args.act_ema} EMA",
         "train_data": f"synthetic: {args.num_images} images x {args.syn_iters} Adam steps, then fixed",
         "iterations": args.epochs * args.iters_per_epoch, "batch": args.batch_size,
-        "teacher_passes_per_iteration": "fine-tuning: 2 forward (clean with input gradient, perturbed), 1 backward "
-                                        "to the input (the perturbation), Grad-CAM's to the last conv; synthesis: "
+        "teacher_passes_per_iteration": "fine-tuning: 2 forward (clean with input gradient, perturbed), backward "
+                                        "to the input twice (perturbation, Grad-CAM); synthesis: "
                                         f"{args.num_images * args.syn_iters} image forward+backward in all"})

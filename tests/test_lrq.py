@@ -137,10 +137,12 @@ def test_all_components_off_is_gdfq(tiny_data, teachers, tmp_path):
 def test_dkd_ramp_scales_the_student_gradient(tiny_data, teachers, tmp_path):
     """In the 1st of N ramp epochs DKD's gradient is x 1/N: with SGD and no weight decay that is the same run as
     no ramp at 1/N of the lr (x 0.5 is exact in floating point)."""
+    # a large lr, so that one step visibly moves the next iteration's loss (at the default 1e-4 the random tiny
+    # student's DKD loss, about 1e-3, moves by less than float32 resolves after one step)
     dkd = ["--no-lka", "--ama-margin", "0", "--kd", "dkd", "--weight-decay", "0"]
-    _, ramped = _run("lrq.py", "ramp", tiny_data, teachers, tmp_path, dkd + ["--dkd-warmup", "2"])
-    _, half_lr = _run("lrq.py", "half", tiny_data, teachers, tmp_path, dkd + ["--dkd-warmup", "0", "--lr-s", "5e-5"])
-    _, plain = _run("lrq.py", "plain", tiny_data, teachers, tmp_path, dkd + ["--dkd-warmup", "0"])
+    _, ramped = _run("lrq.py", "ramp", tiny_data, teachers, tmp_path, dkd + ["--dkd-warmup", "2", "--lr-s", "0.05"])
+    _, half_lr = _run("lrq.py", "half", tiny_data, teachers, tmp_path, dkd + ["--dkd-warmup", "0", "--lr-s", "0.025"])
+    _, plain = _run("lrq.py", "plain", tiny_data, teachers, tmp_path, dkd + ["--dkd-warmup", "0", "--lr-s", "0.05"])
     assert [r["charts/dkd_ramp"] for r in ramped] == [0.0, 0.5] and plain[1]["charts/dkd_ramp"] == 1.0
     assert ramped[1]["losses/loss_S"] == pytest.approx(half_lr[1]["losses/loss_S"], rel=1e-5)
     # the tiny student's last-epoch loss does depend on the step size (else this test could not fail)
